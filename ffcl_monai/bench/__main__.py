@@ -1,0 +1,46 @@
+"""Benchmark suite entry point: ``python -m ffcl_monai.bench [all|ntxent|ffcl|ff|pipeline|simclr_epoch] [--quick]``.
+
+Each benchmark lives in its own module ``ffcl_monai/bench/<name>.py`` exposing
+``run(device: str, quick: bool, data_root: str | None) -> BenchResult``. Modules are imported lazily so that one
+missing optional piece does not stop the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import torch
+
+from ffcl_monai.bench.common import BenchResult, write_report
+
+BENCHMARKS = ["ntxent", "ffcl", "ff", "pipeline", "simclr_epoch"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ffcl_monai.bench", description=__doc__)
+    parser.add_argument("which", nargs="*", default=["all"], help=f"all or any of {BENCHMARKS}")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes (smoke test)")
+    parser.add_argument("--data-root", default=None, help="path to shared/data for benches that use real images")
+    parser.add_argument("--out", default="bench_results", help="folder for the JSON report")
+    args = parser.parse_args(argv)
+    which = BENCHMARKS if "all" in args.which else args.which
+    unknown = [w for w in which if w not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; choose from all, {', '.join(BENCHMARKS)}")
+    results: list[BenchResult] = []
+    for name in which:
+        module = importlib.import_module(f"ffcl_monai.bench.{name}")
+        print(f"running {name} on {args.device} ...", flush=True)
+        result = module.run(device=args.device, quick=args.quick, data_root=args.data_root)
+        print(result.table(), flush=True)
+        results.append(result)
+    path = write_report(results, args.device, args.out)
+    print(f"\nJSON report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets, datalists, transforms and two-view pairs."""

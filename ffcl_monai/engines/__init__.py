@@ -1,0 +1,1 @@
+"""Ignite engines: one module per training method."""

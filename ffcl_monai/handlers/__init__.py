@@ -1,0 +1,1 @@
+"""Ignite handlers: MLflow extras, plots, reports."""

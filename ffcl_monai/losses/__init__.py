@@ -1,0 +1,1 @@
+"""Losses: one small module per loss, each citing its paper or equation."""

@@ -1,0 +1,1 @@
+"""Backbones, their blocks and classifier heads."""

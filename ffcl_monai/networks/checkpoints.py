@@ -1,0 +1,105 @@
+"""Saving and loading checkpoints safely.
+
+Every load goes through ``torch.load(..., weights_only=True)``: a checkpoint is data, never code. Backbone
+checkpoints carry the architecture name so that loading into a different backbone fails with a clear message
+instead of silently leaving layers random.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ffcl_monai.networks.backbones import Backbone
+
+logger = logging.getLogger(__name__)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file and rename it, so that a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """Load a checkpoint with ``weights_only=True``, naming the file in any error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; check the path you passed (e.g. `pretrained_ckpt`).")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... depending on the problem
+        raise RuntimeError(
+            f"cannot load checkpoint {path} with weights_only=True ({e}). Only tensor/primitive checkpoints are "
+            "accepted; re-save it as {'model': state_dict}."
+        ) from e
+
+
+def save_backbone(path: str | os.PathLike, backbone: Backbone, extra: dict[str, Any] | None = None) -> Path:
+    """Save a backbone alone, in the format ``pretrained_ckpt`` of the classification workflow loads."""
+    payload = {
+        "backbone": backbone.state_dict(),
+        "backbone_name": backbone.name,
+        "spatial_dims": backbone.spatial_dims,
+        "in_channels": backbone.in_channels,
+    }
+    payload.update(extra or {})
+    return atomic_save(payload, path)
+
+
+def _extract_backbone_state(ckpt: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    if isinstance(ckpt, dict) and "backbone" in ckpt and isinstance(ckpt["backbone"], dict):
+        return ckpt["backbone"], ckpt
+    # A full classifier checkpoint ({"model": state_dict} or a bare state dict): take its backbone.* part.
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds no state dict; expected {{'backbone': ...}} or {{'model': ...}}.")
+    sub = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    return (sub or state), {}
+
+
+def load_backbone(target: nn.Module, path: str | os.PathLike, max_missing_fraction: float = 0.0) -> dict[str, list]:
+    """Load backbone weights from ``path`` into ``target`` (a :class:`Backbone` or a model with ``.backbone``).
+
+    Missing and unexpected keys are reported. Loading fails when the architecture recorded in the checkpoint differs
+    from the target's, or when more than ``max_missing_fraction`` of the target's keys are missing.
+
+    Returns:
+        ``{"missing": [...], "unexpected": [...]}``
+    """
+    path = Path(path)
+    backbone = target.backbone if hasattr(target, "backbone") else target
+    state, meta = _extract_backbone_state(safe_load(path), path)
+    for key in ("backbone_name", "spatial_dims", "in_channels"):
+        attr = "name" if key == "backbone_name" else key
+        if key in meta and getattr(backbone, attr, meta[key]) != meta[key]:
+            raise ValueError(
+                f"{path} holds a {meta.get('backbone_name')} backbone with spatial_dims={meta.get('spatial_dims')}, "
+                f"in_channels={meta.get('in_channels')}, but the config builds {getattr(backbone, 'name', '?')} with "
+                f"spatial_dims={getattr(backbone, 'spatial_dims', '?')}, in_channels={getattr(backbone, 'in_channels', '?')}. "
+                "Set `backbone`, `spatial_dims` and `in_channels` to match the checkpoint."
+            )
+    own = backbone.state_dict()
+    shape_mismatch = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if shape_mismatch:
+        raise ValueError(f"{path}: tensor shapes differ from the backbone for {shape_mismatch[:5]}...; wrong backbone?")
+    result = backbone.load_state_dict(state, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if len(missing) > max_missing_fraction * len(own):
+        raise ValueError(
+            f"{path} does not match the backbone: {len(missing)} of {len(own)} keys missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})."
+        )
+    logger.info("loaded backbone from %s: %d missing, %d unexpected keys", path, len(missing), len(unexpected))
+    if missing or unexpected:
+        logger.warning("backbone keys missing: %s; unexpected: %s", missing, unexpected)
+    return {"missing": missing, "unexpected": unexpected}
