@@ -1,0 +1,399 @@
+"""Validation of images and datalists (``python -m data_prep check DATALIST.json``).
+
+Two levels:
+
+* :func:`inspect_files` opens every image in a thread pool (decoders and hashlib release the GIL) and records whether
+  it decodes completely, its spatial dimensionality, channel count, shape and the sha256 of its bytes. PIL images are
+  fully decoded with ``.load()`` and ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left off, so a truncated JPEG is an error,
+  not a grey bottom half.
+* :func:`check_entries` looks at a datalist together with those results: unreadable files, wrong dimensionality,
+  mixed channel counts, byte-identical images in two splits (leakage), patients in two splits, labels outside the
+  declared classes, empty classes, stale header counts, and class balance.
+
+Errors make the command exit non-zero; warnings and information are printed but do not fail the check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from .common import SPLITS
+
+#: How many examples a report line lists before it says "... and N more".
+MAX_LISTED = 100
+
+
+@dataclass
+class FileInfo:
+    """Result of opening one image file."""
+
+    path: str
+    ok: bool
+    error: str | None = None
+    spatial_dims: int | None = None
+    channels: int | None = None
+    shape: tuple[int, ...] | None = None
+    sha256: str | None = None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _open_pil(path: Path) -> tuple[int, int, tuple[int, ...]]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()  # full decode: raises OSError on truncated data
+        bands = len(im.getbands())
+        if getattr(im, "n_frames", 1) > 1:
+            return 3, bands, (im.width, im.height, im.n_frames)
+        return 2, bands, (im.width, im.height)
+
+
+def _open_nifti(path: Path) -> tuple[int, int, tuple[int, ...]]:
+    import nibabel as nib
+    import numpy as np
+
+    img = nib.load(str(path))
+    data = np.asanyarray(img.dataobj)  # reads (and decompresses) everything: catches truncated files
+    shape = tuple(int(s) for s in data.shape)
+    if len(shape) <= 2:
+        return 2, 1, shape
+    channels = int(np.prod(shape[3:])) if len(shape) > 3 else 1
+    return 3, channels, shape[:3]
+
+
+def _open_dicom(path: Path) -> tuple[int, int, tuple[int, ...]]:
+    import pydicom
+
+    ds = pydicom.dcmread(str(path))
+    arr = ds.pixel_array
+    spp = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    shape = tuple(int(s) for s in arr.shape)
+    if frames > 1:
+        return 3, spp, shape[:3]
+    return 2, spp, shape[:2]
+
+
+def _open_itk(path: Path) -> tuple[int, int, tuple[int, ...]]:
+    import itk
+
+    img = itk.imread(str(path))
+    dims = int(img.GetImageDimension())
+    comps = int(img.GetNumberOfComponentsPerPixel())
+    size = tuple(int(s) for s in itk.size(img))
+    return dims, comps, size
+
+
+def open_image(path: Path) -> tuple[int, int, tuple[int, ...]]:
+    """Open and fully decode one image; return ``(spatial_dims, channels, shape)``. Raises on any problem."""
+    low = path.name.lower()
+    if low.endswith((".nii", ".nii.gz")):
+        return _open_nifti(path)
+    if low.endswith((".dcm", ".dicom")):
+        return _open_dicom(path)
+    if low.endswith((".mha", ".mhd", ".nrrd")):
+        return _open_itk(path)
+    return _open_pil(path)
+
+
+def inspect_file(path: str | os.PathLike, display: str | None = None) -> FileInfo:
+    """Open, decode and hash one file. Never raises: problems are returned in ``FileInfo.error``."""
+    p = Path(path)
+    name = display or str(p)
+    try:
+        if not p.is_file():
+            return FileInfo(name, False, "file not found")
+        if p.stat().st_size == 0:
+            return FileInfo(name, False, "empty file (0 bytes)")
+        digest = _sha256(p)
+        dims, channels, shape = open_image(p)
+        return FileInfo(name, True, None, dims, channels, shape, digest)
+    except Exception as exc:  # any decoder error is a finding about the file, not a crash of the checker
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return FileInfo(name, False, f"{type(exc).__name__}: {msg}"[:300])
+
+
+def default_workers() -> int:
+    """Threads for file inspection: the CPUs this process may use, at most 8."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+def inspect_files(
+    paths: list[tuple[str, str]], workers: int | None = None, progress: bool = True, desc: str = "checking images"
+) -> dict[str, FileInfo]:
+    """Inspect ``(key, readable_path)`` pairs in parallel; return ``{key: FileInfo}``.
+
+    The key is what reports name (the final path); the readable path may be a staging copy.
+    """
+    from tqdm.auto import tqdm
+
+    workers = workers or default_workers()
+    out: dict[str, FileInfo] = {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        it = pool.map(lambda kp: (kp[0], inspect_file(kp[1], kp[0])), paths, chunksize=1)
+        for key, info in tqdm(it, total=len(paths), desc=desc, unit="img", disable=not progress, leave=False):
+            out[key] = info
+    return out
+
+
+@dataclass
+class Report:
+    """Findings of a check. ``ok`` is False when there is at least one error."""
+
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    info: list[str] = field(default_factory=list)
+    bad_files: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def format(self, title: str = "data_prep check") -> str:
+        """Human-readable report."""
+        lines = [f"== {title}: {'PASSED' if self.ok else 'FAILED'} "
+                 f"({len(self.errors)} error(s), {len(self.warnings)} warning(s)) =="]
+        for head, items in (("ERRORS", self.errors), ("WARNINGS", self.warnings), ("INFO", self.info)):
+            if items:
+                lines.append(f"{head}:")
+                lines.extend("  " + s.replace("\n", "\n  ") for s in items)
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Machine-readable report (``check --report-json``)."""
+        return {"ok": self.ok, **asdict(self)}
+
+
+def _listing(items: list[str], limit: int = MAX_LISTED) -> str:
+    shown = items[:limit]
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return "\n".join(f"    {s}" for s in shown) + more
+
+
+def bad_file_report(infos: Iterable[FileInfo]) -> tuple[list[str], list[dict[str, str]]]:
+    """Error lines and a machine-readable list for files that could not be read."""
+    bad = sorted((i for i in infos if not i.ok), key=lambda i: i.path)
+    if not bad:
+        return [], []
+    rows = [f"{i.path}: {i.error}" for i in bad]
+    msg = f"{len(bad)} unreadable or truncated file(s):\n" + _listing(rows)
+    return [msg], [{"path": i.path, "error": i.error or ""} for i in bad]
+
+
+def _entry_label_problem(label: Any, task: str, num_classes: int) -> str | None:
+    if task == "multilabel":
+        if not isinstance(label, list) or len(label) != num_classes:
+            return f"multi-label 'label' must be a list of length {num_classes}"
+        if any(v not in (-1, 0, 1) for v in label):
+            return "multi-label values must be 0, 1 or -1 (ignored)"
+        return None
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < num_classes:
+        return f"label must be an int in [0, {num_classes})"
+    return None
+
+
+def check_entries(datalist: dict[str, Any], json_dir: Path, infos: dict[str, FileInfo]) -> Report:
+    """Dataset-level checks of a datalist given per-file results keyed by absolute image path."""
+    rep = Report()
+    task = datalist.get("task", "multiclass")
+    labels = {int(k): v for k, v in (datalist.get("labels") or {}).items()}
+    num_classes = int(datalist.get("num_classes", len(labels) or 0))
+    spatial_dims = datalist.get("spatial_dims")
+    carved = set((datalist.get("data_prep") or {}).get("carved", []))
+    splits = [s for s in SPLITS if s in datalist]
+    for key in datalist:
+        if isinstance(datalist[key], list) and key not in SPLITS and key not in ("dropped",):
+            rep.warnings.append(f"list '{key}' is not one of {SPLITS}; the bundle will ignore it")
+
+    # 1. entries and files
+    label_problems: list[str] = []
+    missing_key: list[str] = []
+    file_infos: dict[str, list[tuple[str, FileInfo]]] = defaultdict(list)  # split -> [(rel, info)]
+    for split in splits:
+        for n, e in enumerate(datalist[split]):
+            if not isinstance(e, dict) or "image" not in e:
+                missing_key.append(f"{split}[{n}]")
+                continue
+            if "label" in e and num_classes:
+                prob = _entry_label_problem(e["label"], task, num_classes)
+                if prob:
+                    label_problems.append(f"{split}[{n}] {e['image']}: {prob} (got {e['label']!r})")
+            key = os.path.abspath(json_dir / e["image"])
+            info = infos.get(key)
+            if info is not None:
+                file_infos[split].append((e["image"], info))
+    if missing_key:
+        rep.errors.append("entries without an 'image' key:\n" + _listing(missing_key))
+    if label_problems:
+        rep.errors.append(f"{len(label_problems)} entr(y/ies) with invalid labels:\n" + _listing(label_problems))
+
+    all_infos = [i for s in splits for _, i in file_infos[s]]
+    errs, rep.bad_files = bad_file_report(all_infos)
+    rep.errors.extend(errs)
+    good = [(s, rel, i) for s in splits for rel, i in file_infos[s] if i.ok]
+
+    # 2. dimensionality and channels
+    if spatial_dims is not None:
+        wrong = [f"{rel}: {i.spatial_dims}D {i.shape}" for s, rel, i in good if i.spatial_dims != spatial_dims]
+        if wrong:
+            rep.errors.append(
+                f"{len(wrong)} file(s) are not {spatial_dims}D as the header's spatial_dims says:\n" + _listing(wrong)
+            )
+    by_ch: dict[int, list[str]] = defaultdict(list)
+    for s, rel, i in good:
+        by_ch[i.channels or 0].append(rel)
+    if len(by_ch) > 1:
+        parts = [f"{c} channel(s): {len(v)} file(s), e.g. {v[0]}" for c, v in sorted(by_ch.items())]
+        rep.errors.append(
+            "mixed channel counts (a batch cannot be stacked; convert the odd files or add a channel transform):\n"
+            + _listing(parts)
+        )
+    elif by_ch:
+        (c,) = by_ch
+        shapes = Counter(i.shape for _, _, i in good)
+        common = ", ".join(f"{'x'.join(map(str, s))} ({n})" for s, n in shapes.most_common(3))
+        more = f", and {len(shapes) - 3} other shape(s)" if len(shapes) > 3 else ""
+        rep.info.append(f"{len(good)} readable image(s), {c} channel(s); shapes: {common}{more}")
+
+    # 3. leakage: identical bytes in two splits; duplicates within one split
+    by_hash: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for s, rel, i in good:
+        if i.sha256:
+            by_hash[i.sha256].append((s, rel))
+    cross, within = [], []
+    for h, occ in sorted(by_hash.items(), key=lambda kv: kv[1][0][1]):
+        if len(occ) < 2:
+            continue
+        desc = " == ".join(f"{s}:{rel}" for s, rel in occ)
+        (cross if len({s for s, _ in occ}) > 1 else within).append(desc)
+    if cross:
+        rep.errors.append(
+            f"LEAKAGE: {len(cross)} image(s) with identical content appear in more than one split:\n" + _listing(cross)
+        )
+    if within:
+        rep.warnings.append(f"{len(within)} duplicate image(s) within a split:\n" + _listing(within))
+
+    # 4. patients spanning splits
+    pats: dict[str, set[str]] = defaultdict(set)
+    for s in splits:
+        for e in datalist[s]:
+            if isinstance(e, dict) and e.get("patient"):
+                pats[e["patient"]].add(s)
+    spanning = sorted((p, sorted(ss)) for p, ss in pats.items() if len(ss) > 1)
+    if spanning:
+        bad = [f"patient {p}: {', '.join(ss)}" for p, ss in spanning if carved & set(ss)]
+        soft = [f"patient {p}: {', '.join(ss)}" for p, ss in spanning if not carved & set(ss)]
+        if bad:
+            rep.errors.append(
+                f"LEAKAGE: {len(bad)} patient(s) appear in a carved split and another split:\n" + _listing(bad)
+            )
+        if soft:
+            rep.warnings.append(
+                f"{len(soft)} patient(s) appear in more than one official split (as distributed by the source):\n"
+                + _listing(soft, 10)
+            )
+
+    # 5. classes: empty classes, balance, header counts
+    if labels:
+        actual = _count(datalist, splits, task, labels)
+        header_counts = datalist.get("counts")
+        if header_counts is not None and header_counts != actual:
+            rep.errors.append("header 'counts' do not match the entries (stale or edited datalist); re-run data_prep")
+        total = Counter()
+        for s in splits:
+            total.update(actual.get(s, {}))
+        for cid, name in sorted(labels.items()):
+            if total.get(name, 0) == 0:
+                (rep.errors if task != "multilabel" else rep.warnings).append(
+                    f"class {cid} '{name}' has no {'images' if task != 'multilabel' else 'positive images'} at all"
+                )
+            elif "training" in actual and actual["training"].get(name, 0) == 0:
+                (rep.errors if task != "multilabel" else rep.warnings).append(
+                    f"class {cid} '{name}' is empty in the training split"
+                )
+        for s in splits:
+            n = len(datalist[s])
+            if n == 0:
+                continue
+            counts = actual.get(s, {})
+            empty = [name for name in labels.values() if counts.get(name, 0) == 0]
+            if empty and s != "training" and task != "multilabel":
+                rep.warnings.append(f"{s}: class(es) {', '.join(empty)} have no images")
+            parts = ", ".join(f"{name} {counts.get(name, 0)} ({100.0 * counts.get(name, 0) / n:.1f}%)"
+                              for name in labels.values())
+            rep.info.append(f"{s}: {n} image(s); {'positives: ' if task == 'multilabel' else ''}{parts}")
+            nz = [v for v in counts.values() if v > 0]
+            if task != "multilabel" and len(nz) > 1 and max(nz) / min(nz) > 10:
+                rep.warnings.append(f"{s}: strong class imbalance (largest/smallest class = {max(nz) / min(nz):.1f})")
+    return rep
+
+
+def _count(datalist: dict[str, Any], splits: list[str], task: str, labels: dict[int, str]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for s in splits:
+        c: Counter = Counter()
+        for e in datalist[s]:
+            if not isinstance(e, dict) or "label" not in e:
+                continue
+            lab = e["label"]
+            if task == "multilabel" and isinstance(lab, list):
+                for j, v in enumerate(lab):
+                    if v == 1 and j in labels:
+                        c[labels[j]] += 1
+            elif isinstance(lab, int) and lab in labels:
+                c[labels[lab]] += 1
+        out[s] = {name: int(c.get(name, 0)) for _, name in sorted(labels.items())}
+    return out
+
+
+def count_labels(datalist: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per split and class: image counts (single-label) or positive counts (multi-label)."""
+    labels = {int(k): v for k, v in (datalist.get("labels") or {}).items()}
+    splits = [s for s in SPLITS if s in datalist]
+    return _count(datalist, splits, datalist.get("task", "multiclass"), labels)
+
+
+def check_datalist(
+    path: str | os.PathLike, workers: int | None = None, progress: bool = True
+) -> Report:
+    """Open every image of a datalist in parallel and run all checks."""
+    path = Path(path)
+    try:
+        datalist = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return Report(errors=[f"{path}: datalist not found"])
+    except json.JSONDecodeError as exc:
+        return Report(errors=[f"{path}: not valid JSON ({exc})"])
+    if not isinstance(datalist, dict) or not any(s in datalist for s in SPLITS):
+        return Report(errors=[f"{path}: not a decathlon datalist (no 'training'/'validation'/'test' list)"])
+    json_dir = path.parent
+    keys: dict[str, str] = {}
+    for s in SPLITS:
+        for e in datalist.get(s, []):
+            if isinstance(e, dict) and isinstance(e.get("image"), str):
+                k = os.path.abspath(json_dir / e["image"])
+                keys[k] = k
+    pairs = sorted(keys.items())
+    infos = inspect_files(pairs, workers=workers, progress=progress)
+    # show paths relative to the JSON in the report, the way they are written in it
+    for k, info in infos.items():
+        info.path = os.path.relpath(k, json_dir)
+    return check_entries(datalist, json_dir, infos)

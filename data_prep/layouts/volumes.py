@@ -1,0 +1,5 @@
+"""Placeholder."""
+
+
+def add_parser(sub, common):
+    """Not implemented yet."""
