@@ -27,6 +27,9 @@ def _common_parser() -> argparse.ArgumentParser:
                    help="skip opening every image (faster, but broken files and duplicates go unnoticed)")
     c.add_argument("--drop-bad", action="store_true",
                    help="exclude unreadable files instead of failing; they are listed in the header's dropped list")
+    c.add_argument("--drop-duplicates", action="store_true",
+                   help="when identical images sit in two splits (leakage in an official split), drop the copy in "
+                        "the training split (or validation, if the other is in test); recorded in the header")
     c.add_argument("--workers", type=int, default=None, help=f"threads that open images (default {default_workers()})")
     c.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     c.add_argument("--name", default=None, help="datalist name in the header (default: the --out file stem)")
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_outside_src(src, out)
         scan = args.scan(args)
         opts = CommonOptions(
-            src=src, out=out, seed=args.seed, salt=args.salt, check=args.check, drop_bad=args.drop_bad,
+            src=src, out=out, seed=args.seed, salt=args.salt, check=args.check, drop_bad=args.drop_bad, drop_duplicates=args.drop_duplicates,
             workers=args.workers, progress=args.progress, name=args.name,
             val_count=getattr(args, "val_count", None), val_fraction=getattr(args, "val_fraction", None),
             test_count=getattr(args, "test_count", None), test_fraction=getattr(args, "test_fraction", None),

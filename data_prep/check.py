@@ -278,15 +278,27 @@ def check_entries(datalist: dict[str, Any], json_dir: Path, infos: dict[str, Fil
     for s, rel, i in good:
         if i.sha256:
             by_hash[i.sha256].append((s, rel))
-    cross, within = [], []
+    label_of = {}
+    for s in splits:
+        for e in datalist[s]:
+            if isinstance(e, dict) and "image" in e:
+                label_of[(s, e["image"])] = e.get("label")
+    cross, within, conflicting = [], [], []
     for h, occ in sorted(by_hash.items(), key=lambda kv: kv[1][0][1]):
         if len(occ) < 2:
             continue
         desc = " == ".join(f"{s}:{rel}" for s, rel in occ)
         (cross if len({s for s, _ in occ}) > 1 else within).append(desc)
+        if len({json.dumps(label_of.get(o)) for o in occ}) > 1:
+            conflicting.append(desc)
     if cross:
         rep.errors.append(
-            f"LEAKAGE: {len(cross)} image(s) with identical content appear in more than one split:\n" + _listing(cross)
+            f"LEAKAGE: {len(cross)} image(s) with identical content appear in more than one split (for official splits, "
+            "--drop-duplicates removes the training/validation copy):\n" + _listing(cross)
+        )
+    if conflicting:
+        rep.warnings.append(
+            f"{len(conflicting)} set(s) of identical images carry different labels:\n" + _listing(conflicting)
         )
     if within:
         rep.warnings.append(f"{len(within)} duplicate image(s) within a split:\n" + _listing(within))

@@ -28,6 +28,7 @@ class CommonOptions:
     salt: str | None = None
     check: bool = True
     drop_bad: bool = False
+    drop_duplicates: bool = False
     workers: int | None = None
     progress: bool = True
     name: str | None = None
@@ -65,6 +66,34 @@ def _carve_split(
     groups = build_groups(pats, hs)
     keep, hold = carve(strata, groups, n, seed)
     return [recs[i] for i in keep], [recs[i] for i in hold]
+
+
+#: When the same bytes appear in two splits, the copy in the split that comes first here is kept: official test sets
+#: stay intact (comparable with published results) and the training copy is the one that goes.
+_PRECEDENCE = ("test", "validation", "training")
+
+
+def _drop_cross_split_duplicates(
+    by_split: dict[str, list[Record]], infos: dict, json_dir: Path
+) -> list[dict[str, str]]:
+    """Remove images whose exact content is also in a split of higher precedence; return header 'dropped' rows."""
+    seen: dict[str, tuple[str, Record]] = {}
+    dropped: list[dict[str, str]] = []
+    for split in _PRECEDENCE:
+        kept = []
+        for r in by_split[split]:
+            h = infos[str(r.path)].sha256
+            if h in seen and seen[h][0] != split:
+                other_split, other = seen[h]
+                dropped.append({"image": relpath(r.path, json_dir),
+                                "reason": f"identical to {other_split}:{relpath(other.path, json_dir)}"})
+                continue
+            seen.setdefault(h, (split, r))
+            kept.append(r)
+        by_split[split] = kept
+    for d in dropped:
+        _log(f"--drop-duplicates: dropped {d['image']} ({d['reason']})")
+    return sorted(dropped, key=lambda d: d["image"])
 
 
 def _entry(r: Record, json_dir: Path, salt: str, task: str) -> dict[str, Any]:
@@ -150,6 +179,8 @@ def run_pipeline(scan: Scan, opts: CommonOptions) -> int:
             by_split["training"] = keep
             by_split["validation"].extend(val)
             carved.append("validation")
+        if opts.drop_duplicates and opts.check:
+            dropped.extend(_drop_cross_split_duplicates(by_split, infos, json_dir))
         if not by_split["training"]:
             raise SplitError("the training split is empty")
 
@@ -164,6 +195,7 @@ def run_pipeline(scan: Scan, opts: CommonOptions) -> int:
             if v is not None:
                 options[k] = v
         options["drop_bad"] = opts.drop_bad
+        options["drop_duplicates"] = opts.drop_duplicates
         options["check"] = opts.check
         header: dict[str, Any] = {
             "name": opts.name or out.stem,
