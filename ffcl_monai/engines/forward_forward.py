@@ -1,0 +1,464 @@
+"""Ignite engines for Hinton's Forward-Forward training (seeds 002/003), its linear read-out and a backprop baseline.
+
+Speed on CPU comes from keeping the whole (small) data set as tensors in memory (:class:`TensorBatches`), large
+minibatches, one ``backward()`` per step for all layers (inputs are detached, so each layer's gradient is still
+local: the sum of independent losses has the per-layer gradients), and the factorised first layer of
+:class:`~ffcl_monai.networks.forward_forward.FFNet` for positives, negatives and all-label prediction.
+
+Schedules (key ``schedule``):
+    - ``greedy``: layer after layer, each for ``epochs_per_layer`` epochs (seeds 002/003). The engine runs
+      ``epochs_per_layer * L`` epochs; epoch ``e`` trains layer ``(e - 1) // epochs_per_layer``, lower layers are
+      frozen and evaluated without gradients.
+    - ``simultaneous``: every layer on every batch, each on the detached output of the layer below
+      (loeweX/Forward-Forward).
+
+Negatives (key ``negatives``):
+    - ``wrong_label``: a label drawn uniformly from the ``m - 1`` wrong ones (``(y + U{1..m-1}) mod m``), never the
+      true one (mpezeshki's ``y[randperm]`` sometimes is).
+    - ``hard``: the wrong label with the highest current goodness (Hinton 2022 s.3.3).
+    - ``other_sample``: another sample's image with this sample's label, seed 003's ``x_i*`` (Eq. 3.3, ``j != i``);
+      we also require a different class when the batch has one, otherwise the "negative" would be positive data.
+
+``engine.state.output`` is ``{"loss": tensor, ...}``; at every epoch end ``engine.state.metrics`` holds ``loss`` and,
+for every layer ``l`` trained so far, ``layer{l}_loss``, ``layer{l}_g_pos`` and ``layer{l}_g_neg`` (epoch means), so
+MONAI's ``MLFlowHandler``/``StatsHandler`` log them per epoch. ``engine.state.history`` keeps the same per epoch for
+the goodness plot.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+
+from ffcl_monai.losses.forward_forward import get_ff_loss
+from ffcl_monai.networks.forward_forward import FFNet
+
+__all__ = [
+    "TensorBatches",
+    "shift_augment",
+    "wrong_labels",
+    "hard_labels",
+    "other_sample_index",
+    "create_ff_trainer",
+    "ff_scores",
+    "create_backprop_trainer",
+    "train_linear_readout",
+    "LinearReadout",
+    "MLP",
+]
+
+SCHEDULES = ("greedy", "simultaneous")
+NEGATIVES = ("wrong_label", "hard", "other_sample")
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+class TensorBatches:
+    """Minibatches of in-memory tensors, reshuffled every epoch; an iterable with ``len`` for ``Engine.run``.
+
+    Args:
+        x: ``(N, ...)`` inputs (already on the training device).
+        y: ``(N,)`` labels.
+        batch_size: samples per step; ``<= 0`` means full batch.
+        shuffle: new random order every epoch.
+        drop_last: drop a last incomplete batch (keeps the per-step statistics comparable).
+        seed: generator seed for the order.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int = 100,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if len(x) != len(y):
+            raise ValueError(f"x and y lengths differ: {len(x)} vs {len(y)}")
+        self.x, self.y = x, y
+        n = len(x)
+        self.batch_size = n if batch_size <= 0 or batch_size > n else int(batch_size)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.x)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.x)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        order = order.to(self.x.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self.x[idx], self.y[idx]
+
+
+def shift_augment(x: torch.Tensor, image_shape: Sequence[int], max_shift: int) -> torch.Tensor:
+    """Random integer translation by up to ``max_shift`` pixels per sample (zero fill), on flattened 2D images.
+
+    One gather on the whole batch, no Python loop over samples. ``x``: ``(B, H*W)``; returns the same shape.
+    """
+    if max_shift <= 0:
+        return x
+    h, w = int(image_shape[-2]), int(image_shape[-1])
+    b = x.shape[0]
+    img = F.pad(x.view(b, h, w), (max_shift,) * 4)
+    dy = torch.randint(0, 2 * max_shift + 1, (b, 1), device=x.device)
+    dx = torch.randint(0, 2 * max_shift + 1, (b, 1), device=x.device)
+    rows = (dy + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
+    cols = (dx + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
+    return img[torch.arange(b, device=x.device)[:, None, None], rows, cols].reshape(b, h * w)
+
+
+# ---------------------------------------------------------------------------------------------------- negatives
+def wrong_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """A uniformly random label different from ``y`` for every sample: ``(y + U{1..m-1}) mod m``."""
+    if num_classes < 2:
+        raise ValueError("negatives need at least two classes")
+    return (y + torch.randint(1, num_classes, y.shape, device=y.device)) % num_classes
+
+
+def hard_labels(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The wrong label with the highest goodness score: ``scores (B, m)``, ``y (B,)`` -> ``(B,)``."""
+    masked = scores.masked_fill(F.one_hot(y.long(), scores.shape[1]).bool(), float("-inf"))
+    return masked.argmax(1)
+
+
+def other_sample_index(y: torch.Tensor, tries: int = 4) -> torch.Tensor:
+    """Index ``j != i`` of another sample for every ``i``, preferring ``y[j] != y[i]`` (seed 003 Eq. 3.3).
+
+    Start from a cyclic shift along a random permutation (a derangement, so ``j != i`` always), then redraw the
+    entries whose class equals the sample's own a few times.
+    """
+    b = y.shape[0]
+    if b < 2:
+        raise ValueError("other_sample negatives need batches of at least two samples (key `batch_size`).")
+    perm = torch.randperm(b, device=y.device)
+    j = torch.empty_like(perm)
+    j[perm] = perm.roll(1)
+    for _ in range(tries):
+        bad = (y[j] == y) & (j != -1)
+        if not bool(bad.any()):
+            break
+        cand = torch.randint(0, b, (int(bad.sum()),), device=y.device)
+        idx = bad.nonzero().squeeze(1)
+        ok = (y[cand] != y[idx]) & (cand != idx)
+        j[idx[ok]] = cand[ok]
+    return j
+
+
+# ------------------------------------------------------------------------------------------------------ trainer
+def _autocast(device: torch.device, amp: bool):
+    """bf16 autocast when ``amp`` (meant for GPUs; on CPU it is off unless asked for)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp else nullcontext()
+
+
+def create_ff_trainer(
+    net: FFNet,
+    optimizer: torch.optim.Optimizer,
+    schedule: str = "simultaneous",
+    epochs_per_layer: int = 10,
+    loss: str = "softplus",
+    threshold: float = 2.0,
+    negatives: str = "wrong_label",
+    skip_first: bool = False,
+    image_shape: Sequence[int] | None = None,
+    max_shift: int = 0,
+    lr_schedule: str = "constant",
+    amp: bool = False,
+    device: str | torch.device | None = None,
+) -> Engine:
+    """Ignite engine that trains ``net`` with the Forward-Forward algorithm on ``(x, y)`` minibatches.
+
+    Args:
+        net: the :class:`FFNet` (already on ``device``).
+        optimizer: one optimiser over all layers. Layers never share a gradient (inputs are detached and frozen
+            layers get ``grad=None``), so one Adam is the same as one Adam per layer.
+        schedule: ``"greedy"`` or ``"simultaneous"`` (module docstring).
+        epochs_per_layer: greedy epochs per layer (ignored by ``simultaneous``; run that for any ``max_epochs``).
+        loss: name in :data:`~ffcl_monai.losses.forward_forward.FF_LOSSES`.
+        threshold: ``theta``.
+        negatives: ``"wrong_label"``, ``"hard"`` or ``"other_sample"``.
+        skip_first: skip the first layer when scoring labels for hard negatives (as in prediction).
+        image_shape: ``(H, W)`` of the flattened images, needed for ``max_shift``.
+        max_shift: random translation augmentation in pixels (0 = off).
+        lr_schedule: ``"constant"`` or ``"cosine"`` (annealed to 0 over the run; per layer for greedy). Needs
+            ``engine.run(..., max_epochs=...)`` to know the length.
+        amp: bf16 autocast for the matmuls (goodness and losses stay float32).
+        device: where batches are moved (defaults to the net's device).
+
+    Returns:
+        The engine; run it with ``engine.run(TensorBatches(...), max_epochs=...)``. For ``greedy`` use
+        ``max_epochs = epochs_per_layer * len(net.layers)``.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown FF schedule {schedule!r} (config key `schedule`); choose from {SCHEDULES}")
+    if negatives not in NEGATIVES:
+        raise ValueError(f"unknown FF negatives {negatives!r} (config key `negatives`); choose from {NEGATIVES}")
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r} (key `lr_schedule`).")
+    if max_shift > 0 and image_shape is None:
+        raise ValueError("`max_shift` > 0 needs `image_shape` (H, W) of the flattened images.")
+    if epochs_per_layer < 1:
+        raise ValueError("`epochs_per_layer` must be >= 1")
+    loss_fn = get_ff_loss(loss)
+    dev = torch.device(device) if device is not None else next(net.parameters()).device
+    n_layers = len(net.layers)
+    m = net.num_classes
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+
+    def current_layer(engine: Engine) -> int:
+        """Greedy: the layer this epoch trains; simultaneous: the last layer (all are trained)."""
+        if schedule == "simultaneous":
+            return n_layers - 1
+        return min((engine.state.epoch - 1) // epochs_per_layer, n_layers - 1)
+
+    def step(engine: Engine, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+        net.train()
+        x, y = batch
+        x = x.to(dev, non_blocking=True).flatten(1).float()
+        y = y.to(dev, non_blocking=True).long()
+        if max_shift > 0:
+            x = shift_augment(x, image_shape, max_shift)  # type: ignore[arg-type]
+        top = current_layer(engine)
+        first = 0 if schedule == "simultaneous" else top
+        eye = torch.eye(m, device=dev)
+        with _autocast(dev, amp):
+            if negatives == "other_sample":
+                j = other_sample_index(y)
+                xs = torch.cat([x, x[j]], 0)
+                codes = eye[torch.cat([y, y])][:, None, :]  # (2B, 1, m)
+            else:
+                if negatives == "wrong_label":
+                    y_neg = wrong_labels(y, m)
+                else:  # hard: the current net's most "good" wrong label
+                    with torch.no_grad():
+                        g_all = net.goodness_all_labels(x, upto=top)
+                        y_neg = hard_labels(net.score(g_all, skip_first), y)
+                xs = x
+                codes = torch.stack([eye[y], eye[y_neg]], 1)  # (B, 2, m)
+            if first == 0:
+                h = net.first_layer(xs, codes)
+                trained = [(0, h)]
+                for li in range(1, top + 1):
+                    # detached input: layer li learns only from its own loss
+                    h = net.layers[li](h.detach())
+                    trained.append((li, h))
+            else:
+                # greedy, layer >= 1: frozen lower layers run without building a graph
+                trained = [(first, net.layers[first](_input_of(net, xs, codes, first)))]
+        losses, gp, gn = [], [], []
+        for li, act in trained:
+            g = net.layer_goodness(act)
+            if negatives == "other_sample":
+                g_pos, g_neg = g[: len(y), 0], g[len(y) :, 0]
+            else:
+                g_pos, g_neg = g[:, 0], g[:, 1]
+            losses.append(loss_fn(g_pos, g_neg, threshold))
+            gp.append(g_pos.detach().mean())
+            gn.append(g_neg.detach().mean())
+        total = torch.stack(losses).sum()
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        layers = [li for li, _ in trained]
+        return {
+            "loss": total.detach(),
+            "layers": layers,
+            "layer_loss": torch.stack([v.detach() for v in losses]),
+            "g_pos": torch.stack(gp),
+            "g_neg": torch.stack(gn),
+        }
+
+    engine = Engine(step)
+    _attach_epoch_metrics(engine, n_layers)
+
+    if lr_schedule == "cosine":
+
+        @engine.on(Events.ITERATION_STARTED)
+        def _cosine(engine: Engine) -> None:
+            total_epochs = engine.state.max_epochs or 1
+            per = engine.state.epoch_length or 1
+            if schedule == "greedy":
+                phase_epochs = epochs_per_layer
+                e_in = (engine.state.epoch - 1) % epochs_per_layer
+                if current_layer(engine) == n_layers - 1:
+                    phase_epochs = max(total_epochs - epochs_per_layer * (n_layers - 1), 1)
+                    e_in = engine.state.epoch - 1 - epochs_per_layer * (n_layers - 1)
+            else:
+                phase_epochs, e_in = total_epochs, engine.state.epoch - 1
+            it_in = (engine.state.iteration - 1) % per
+            t = (e_in * per + it_in) / max(phase_epochs * per, 1)
+            for g, lr0 in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = 0.5 * lr0 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+
+    return engine
+
+
+def _input_of(net: FFNet, x: torch.Tensor, codes: torch.Tensor, layer: int) -> torch.Tensor:
+    """Input of ``net.layers[layer]`` (``layer >= 1``) computed without gradients (frozen lower layers)."""
+    with torch.no_grad():
+        h = net.first_layer(x, codes)
+        for li in range(1, layer):
+            h = net.layers[li](h)
+    return h
+
+
+def _attach_epoch_metrics(engine: Engine, n_layers: int) -> None:
+    """Accumulate per-layer loss and mean goodness over an epoch into ``engine.state.metrics``.
+
+    Registered when the engine is created, i.e. before any MLflow/Stats handler, so those see the new values.
+    """
+
+    @engine.on(Events.STARTED)
+    def _history(engine: Engine) -> None:
+        if not hasattr(engine.state, "history"):
+            engine.state.history = []  # type: ignore[attr-defined]
+
+    @engine.on(Events.EPOCH_STARTED)
+    def _reset(engine: Engine) -> None:
+        engine.state.ff_acc = {}  # type: ignore[attr-defined]
+        engine.state.ff_steps = 0  # type: ignore[attr-defined]
+
+    @engine.on(Events.ITERATION_COMPLETED)
+    def _accumulate(engine: Engine) -> None:
+        out = engine.state.output
+        acc = engine.state.ff_acc  # type: ignore[attr-defined]
+        stacked = torch.stack([out["layer_loss"], out["g_pos"], out["g_neg"]])  # (3, n_trained)
+        key = tuple(out["layers"])
+        acc[key] = acc[key] + stacked if key in acc else stacked.clone()
+        acc.setdefault("loss", 0.0)
+        acc["loss"] = acc["loss"] + out["loss"]
+        engine.state.ff_steps += 1  # type: ignore[attr-defined]
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def _write(engine: Engine) -> None:
+        acc = engine.state.ff_acc  # type: ignore[attr-defined]
+        n = max(engine.state.ff_steps, 1)  # type: ignore[attr-defined]
+        metrics: dict[str, float] = {"loss": float(acc.get("loss", 0.0)) / n}
+        for key, val in acc.items():
+            if key == "loss":
+                continue
+            val = (val / n).tolist()
+            for i, li in enumerate(key):
+                metrics[f"layer{li}_loss"] = val[0][i]
+                metrics[f"layer{li}_g_pos"] = val[1][i]
+                metrics[f"layer{li}_g_neg"] = val[2][i]
+        engine.state.metrics.update(metrics)
+        engine.state.history.append({"epoch": engine.state.epoch, **metrics})  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def ff_scores(
+    net: FFNet, x: torch.Tensor, skip_first: bool = False, batch_size: int = 1000, amp: bool = False
+) -> torch.Tensor:
+    """Summed goodness of every label for every sample, ``(N, m)``, in chunks of ``batch_size`` images.
+
+    Turn into probabilities with ``softmax`` (a monotone map, so argmax and per-class AUC ranks are unchanged).
+    """
+    net.eval()
+    dev = next(net.parameters()).device
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size].to(dev).flatten(1).float()
+        with _autocast(dev, amp):
+            out.append(net(xb, skip_first=skip_first).float())
+    return torch.cat(out)
+
+
+class LinearReadout(nn.Module):
+    """Softmax read-out on the neutral-label activations of a frozen :class:`FFNet` (Hinton 2022 s.3.3)."""
+
+    def __init__(self, net: FFNet, skip_first: bool = False) -> None:
+        super().__init__()
+        widths = [layer.linear.out_features for layer in net.layers]
+        if skip_first and len(widths) > 1:
+            widths = widths[1:]
+        self.net = net
+        self.skip_first = skip_first
+        self.head = nn.Linear(sum(widths), net.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, m)``; the FF net is not trained through this path."""
+        with torch.no_grad():
+            f = self.net.features(x.flatten(1).float(), self.skip_first)
+        return self.head(f)
+
+
+def train_linear_readout(
+    net: FFNet,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int = 20,
+    lr: float = 1e-2,
+    batch_size: int = 256,
+    skip_first: bool = False,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> LinearReadout:
+    """Fit the linear read-out on features of ``x`` computed once (the FF net is frozen), with an Ignite engine."""
+    readout = LinearReadout(net, skip_first).to(next(net.parameters()).device)
+    net.eval()
+    with torch.no_grad():
+        feats = torch.cat(
+            [net.features(x[i : i + 1000].flatten(1).float(), skip_first) for i in range(0, len(x), 1000)]
+        )
+    engine = create_backprop_trainer(
+        readout.head, torch.optim.Adam(readout.head.parameters(), lr=lr, weight_decay=weight_decay)
+    )
+    engine.run(TensorBatches(feats, y.long(), batch_size, seed=seed), max_epochs=epochs)
+    return readout
+
+
+# ---------------------------------------------------------------------------------------------- backprop baseline
+class MLP(nn.Module):
+    """Backprop baseline of the same widths: ``D - hidden... - m`` with ReLU (flattened input)."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (500, 500)) -> None:
+        super().__init__()
+        widths = [in_features, *hidden]
+        mods: list[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            mods += [nn.Linear(a, b), nn.ReLU()]
+        mods.append(nn.Linear(widths[-1], num_classes))
+        self.body = nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, m)``."""
+        return self.body(x.flatten(1).float())
+
+
+def create_backprop_trainer(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    image_shape: Sequence[int] | None = None,
+    max_shift: int = 0,
+    amp: bool = False,
+) -> Engine:
+    """Plain supervised Ignite engine on the same in-memory batches and augmentation as the FF trainer."""
+    dev = next(model.parameters()).device
+
+    def step(engine: Engine, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        model.train()
+        x, y = batch
+        x = x.to(dev).float()
+        if max_shift > 0:
+            x = shift_augment(x.flatten(1), image_shape, max_shift)  # type: ignore[arg-type]
+        with _autocast(dev, amp):
+            loss = loss_fn(model(x).float(), y.to(dev).long())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.detach()}
+
+    return Engine(step)
