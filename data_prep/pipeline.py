@@ -162,14 +162,15 @@ def run_pipeline(scan: Scan, opts: CommonOptions) -> int:
         want_test = opts.test_count is not None or opts.test_fraction is not None
         if want_test and "test" in scan.official:
             raise SplitError("SRC has an official test split; --test-count/--test-fraction would replace it. Drop them.")
-        if pool:
-            n_test = resolve_count(len(pool), opts.test_count, opts.test_fraction, "pooled", "test")
+        # unsplit images join the training pool; without an official test split, test is carved from that pool
+        by_split["training"].extend(pool)
+        if "test" not in scan.official and by_split["training"]:
+            n_test = resolve_count(len(by_split["training"]), opts.test_count, opts.test_fraction, "training", "test")
             if n_test:
-                keep, test = _carve_split(pool, n_test, opts.seed, hashes, salt)
+                keep, test = _carve_split(by_split["training"], n_test, opts.seed, hashes, salt)
                 by_split["test"].extend(test)
+                by_split["training"] = keep
                 carved.append("test")
-                pool = keep
-            by_split["training"].extend(pool)
         want_val = opts.val_count is not None or opts.val_fraction is not None
         if want_val and "validation" in scan.official and (opts.val_count or opts.val_fraction):
             raise SplitError("SRC has an official validation split; drop --val-count/--val-fraction")
