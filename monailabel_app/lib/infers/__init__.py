@@ -1,0 +1,3 @@
+from .classifier import ClassifierInferTask
+
+__all__ = ["ClassifierInferTask"]

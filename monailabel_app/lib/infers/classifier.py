@@ -1,0 +1,153 @@
+"""MONAI Label infer task for the ffcl-monai classifier bundle.
+
+It runs the bundle's own inference pipeline (``preprocessing`` -> ``inferer`` -> ``postprocessing`` of
+``common.yaml`` + ``inference.yaml`` + modality overlay, network from ``network_def``) and answers with MONAI Label's
+classification JSON::
+
+    {"prediction": [{"idx": 0, "label": "NORMAL", "score": 0.93}, ...], "label_names": {...}, "latencies": {...}}
+
+Differences from the stock ``BundleInferTask`` set-up, and why:
+- ``type=CLASSIFICATION`` and no ``Restored`` post-transform: the stock task guesses the type from the folder name and
+  appends ``Restored``, which tries to resize the class vector to the image shape and fails.
+- Several config files are merged (bundle convention), not the single ``inference.json``.
+- The checkpoint need not live in ``<bundle>/models``: ``--conf model_path`` or the output of a MONAI Label training
+  run; the newest existing one is served, and a missing one is an error instead of silently random weights.
+- Class names keep the case of ``channel_def`` (the stock task lower-cases them).
+- Checkpoints load strictly: a checkpoint for another architecture or class count fails loudly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Dict, Mapping, Tuple
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.transforms import SaveClassificationd, SaveImaged
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
+from monailabel.utils.others.generic import strtobool
+
+from lib.models import ModelSpec, class_names
+
+logger = logging.getLogger(__name__)
+
+# Probabilities must lie in [0, 1] and softmax outputs sum to 1; allow float32 rounding.
+PROB_TOL = 1e-4
+
+
+class ClassifierInferTask(BundleInferTask):
+    """Serve one classifier described by a :class:`ModelSpec`."""
+
+    def __init__(self, spec: ModelSpec, conf: Mapping[str, str]) -> None:
+        # BundleInferTask.__init__ is skipped on purpose (see module docstring); the attributes its methods
+        # (pre_transforms, inferer, post_transforms, _update_device) rely on are set here instead.
+        self.spec = spec
+        self.valid = False
+        self.const = BundleConstants()
+        self.pre_filter = None
+        # file writers have no place in a server reply (the JSON is the result)
+        self.post_filter = [SaveImaged, SaveClassificationd]
+        self.extend_load_image = True  # accept images MONAI Label already loaded (e.g. DICOMweb) as well as paths
+        self.dropout = 0.0
+        self.add_post_restore = False
+        self.displayable_configs: Dict[str, Any] = {}
+
+        self.bundle_path = str(spec.bundle_path)
+        self.config_files = [str(f) for f in spec.config_files("inference")]
+        self.bundle_config_path = self.config_files[-1]
+        self.bundle_config = self._load_bundle_config(self.bundle_path, self.config_files)
+        self.bundle_config.config["use_click"] = False
+
+        with open(spec.metadata_file) as fp:
+            metadata = json.load(fp)
+        fmt = metadata["network_data_format"]
+        self.key_image = next(iter(fmt["inputs"]))
+        self.key_pred = next(iter(fmt["outputs"]))
+        self.class_names = class_names(metadata)
+
+        network = self.bundle_config.get_parsed_content(self.const.key_network_def(), instantiate=True)
+        super(BundleInferTask, self).__init__(  # BasicInferTask.__init__
+            path=[str(p) for p in spec.checkpoints()],  # last existing one wins (trained > initial)
+            network=network,
+            type=InferType.CLASSIFICATION,
+            labels={name: idx for idx, name in self.class_names.items()},
+            dimension=spec.dimension,
+            description=f"{spec.description}: {metadata.get('description', '')}".strip(": "),
+            input_key=self.key_image,
+            output_label_key=self.key_pred,
+            load_strict=True,
+            preload=False,
+        )
+        for k in self.const.key_displayable_configs():
+            if self.bundle_config.get(k):
+                self.displayable_configs = self.bundle_config.get_parsed_content(k, instantiate=True)
+                self._config.update(self.displayable_configs)
+
+        self.version = metadata.get("version")
+        self.valid = True
+        latest = spec.latest_checkpoint()
+        if latest is None:
+            logger.warning(
+                f"model {spec.name!r}: no checkpoint yet ({', '.join(map(str, spec.checkpoints()))}); "
+                "inference answers with an error until one exists (train it, or pass --conf model_path)"
+            )
+        else:
+            logger.info(f"model {spec.name!r}: configs {self.config_files}; checkpoint {latest}")
+        if strtobool(conf.get("preload", "false")) and latest is not None:
+            self._get_network("cpu", None)
+
+    def _load_bundle_config(self, path: str, config: Any) -> ConfigParser:
+        """Merge the workflow's config files (``common.yaml`` + ``inference.yaml`` + overlay) and the metadata."""
+        parser = ConfigParser()
+        parser.read_meta(str(self.spec.metadata_file))
+        parser.read_config(list(config) if isinstance(config, (list, tuple)) else [config])
+        parser.config.update({self.const.key_bundle_root(): path})  # type: ignore[union-attr]
+        return parser
+
+    def info(self) -> Dict[str, Any]:
+        i = super().info()
+        latest = self.spec.latest_checkpoint()
+        i["checkpoint"] = os.path.basename(latest) if latest else None
+        return i
+
+    def _get_network(self, device: Any, data: Any) -> torch.nn.Module:
+        if self.get_path() is None:
+            # BasicInferTask would fall back to the freshly initialised network_def: refuse instead
+            raise MONAILabelException(
+                MONAILabelError.INFERENCE_ERROR,
+                f"model {self.spec.name!r} has no checkpoint: none of {[str(p) for p in self.spec.checkpoints()]} "
+                "exists. Start the server with --conf model_path <run>/models/model.pt or train it first.",
+            )
+        return super()._get_network(device, data)
+
+    def writer(self, data: Dict[str, Any], extension: Any = None, dtype: Any = None) -> Tuple[Any, Dict[str, Any]]:
+        """MONAI Label classification JSON from the probability vector in ``data[pred]``.
+
+        Written here rather than by ``ClassificationWriter`` so that plain tensors/arrays work as well as MetaTensors,
+        and so that a pipeline that does not end in probabilities fails with a clear message.
+        """
+        pred = data[self.key_pred]
+        scores = pred.detach().cpu().numpy() if torch.is_tensor(pred) else np.asarray(pred)
+        scores = scores.astype(np.float64).reshape(-1)
+        if scores.size != len(self.class_names):
+            raise MONAILabelException(
+                MONAILabelError.INFERENCE_ERROR,
+                f"model {self.spec.name!r}: prediction has {scores.size} values but metadata.json channel_def names "
+                f"{len(self.class_names)} classes",
+            )
+        if not np.all(np.isfinite(scores)) or scores.min() < -PROB_TOL or scores.max() > 1 + PROB_TOL:
+            raise MONAILabelException(
+                MONAILabelError.INFERENCE_ERROR,
+                f"model {self.spec.name!r}: prediction {scores.tolist()} is not a probability vector; the bundle's "
+                "postprocessing must end with a softmax or sigmoid (Activationsd)",
+            )
+        prediction = [
+            {"idx": idx, "label": self.class_names[idx], "score": float(score)} for idx, score in enumerate(scores)
+        ]
+        return None, {"prediction": prediction}

@@ -1,0 +1,174 @@
+"""MONAI Label train task: fine-tune the classifier from per-image labels saved in the datastore.
+
+Classification labels are one class per image, not masks. Save one with the REST API as a small JSON (or text) file::
+
+    echo '{"label": "PNEUMONIA"}' > label.json
+    curl -X PUT "http://127.0.0.1:8000/datastore/label?image=<image_id>&tag=final" -F "label=@label.json"
+
+The value is a class name from metadata.json ``channel_def`` (case-insensitive) or its integer index. It may also be
+given in the label's ``params`` (``-F 'params={"label": "PNEUMONIA"}'``) with any label file. The train task maps it to
+the integer the bundle's train workflow expects and runs that workflow (``common.yaml`` + ``train.yaml`` + overlay)
+through MONAI Label's ``BundleTrainTask`` machinery, with these overrides:
+
+- ``train#dataset#data`` / ``validate#dataset#data``: ``[{"image": path, "label": int}]`` from the datastore,
+- ``train#trainer#max_epochs``, ``device``, ``bundle_root``,
+- ``output_dir``: ``<model_dir>/<model name>`` so the best model lands in ``<output_dir>/models/model.pt``, which the
+  infer task then serves (newest existing checkpoint wins),
+- ``train#handlers``: a ``CheckpointLoader`` of the currently served checkpoint is prepended when ``pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+import monai.bundle
+from monai.bundle import ConfigParser
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.tasks.train.bundle import BundleConstants, BundleTrainTask
+
+from lib.models import ModelSpec, class_names
+
+logger = logging.getLogger(__name__)
+
+LABEL_KEYS = ("label", "class", "class_name")
+
+
+def _to_index(value: Any, names: Mapping[int, str], where: str) -> int:
+    """Class name (case-insensitive) or integer index -> index, with an error that lists the valid classes."""
+    by_name = {n.lower(): i for i, n in names.items()}
+    if isinstance(value, bool):
+        raise ValueError(f"{where}: label {value!r} is not a class")
+    if isinstance(value, (int, float)) and float(value).is_integer() and int(value) in names:
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in by_name:
+            return by_name[text.lower()]
+        if text.lstrip("-").isdigit() and int(text) in names:
+            return int(text)
+    raise ValueError(f"{where}: label {value!r} is not one of {dict(names)} (name or index)")
+
+
+def read_class_label(label_file: Optional[str], label_info: Optional[Mapping], names: Mapping[int, str]) -> int:
+    """The class index of one labelled image.
+
+    Looks at the label file first (``.json``: ``{"label": ...}`` or a bare name/index; ``.txt``: the name/index), then
+    at the label's info (``params`` given when it was saved).
+    """
+    if label_file and os.path.isfile(label_file):
+        suffix = "".join(Path(label_file).suffixes).lower()
+        if suffix.endswith(".json") or suffix.endswith(".txt"):
+            text = Path(label_file).read_text(encoding="utf-8").strip()
+            value: Any = text
+            if suffix.endswith(".json"):
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{label_file}: not valid JSON ({e})") from e
+            if isinstance(value, dict):
+                value = next((value[k] for k in LABEL_KEYS if k in value), None)
+            if value is not None and value != "":
+                return _to_index(value, names, label_file)
+    for k in LABEL_KEYS:
+        if label_info and label_info.get(k) is not None:
+            return _to_index(label_info[k], names, f"label info of {label_file}")
+    raise ValueError(
+        f"{label_file}: no class label found. Save classification labels as a .json file {{\"label\": \"<class>\"}} "
+        f"(or .txt with the class name), or pass params {{\"label\": \"<class>\"}}; classes: {dict(names)}"
+    )
+
+
+class _Constants(BundleConstants):
+    def configs(self) -> List[str]:
+        return ["train.yaml", "train.json"]
+
+
+class ClassifierTrainTask(BundleTrainTask):
+    """``BundleTrainTask`` for an image-level classifier described by a :class:`ModelSpec`."""
+
+    def __init__(self, spec: ModelSpec, conf: Mapping[str, str]) -> None:
+        self.spec = spec  # needed by _load_bundle_config, which BundleTrainTask.__init__ calls
+        self.config_files = [str(f) for f in spec.config_files("train")]
+        super().__init__(str(spec.bundle_path), dict(conf), const=_Constants(), enable_tracking=False, load_strict=True)
+        with open(spec.metadata_file) as fp:
+            self.class_names = class_names(json.load(fp))
+        self._description = f"Fine-tune {spec.name} ({spec.dimension}D) from per-image labels in the datastore"
+
+    def _load_bundle_config(self, path: str, config: Any) -> ConfigParser:
+        parser = ConfigParser()
+        parser.read_meta(str(self.spec.metadata_file))
+        parser.read_config(self.config_files)
+        parser.config.update({self.const.key_bundle_root(): path})  # type: ignore[union-attr]
+        return parser
+
+    def config(self) -> Dict[str, Any]:
+        options = super().config()
+        # the stock option lists <bundle>/models/*.pt; the checkpoint here comes from the model spec
+        options.pop("model_filename", None)
+        options["max_epochs"] = int(self.conf.get("max_epochs", 10))
+        options["multi_gpu"] = False  # multi-GPU needs a multi_gpu_train config; not part of this app
+        return options
+
+    def _fetch_datalist(self, request: Dict[str, Any], datastore: Datastore) -> List[Dict[str, Any]]:
+        """``[{"image": path, "label": class index}]`` for every image with a final label."""
+        tag = DefaultLabelTag.FINAL.value
+        datalist = []
+        for image_id in datastore.get_labeled_images():
+            label_file = datastore.get_label_uri(image_id, tag)
+            info = datastore.get_label_info(image_id, tag)
+            datalist.append(
+                {
+                    "image": datastore.get_image_uri(image_id),
+                    "label": read_class_label(label_file, info, self.class_names),
+                }
+            )
+        if not datalist:
+            raise ValueError("no labelled images in the datastore; save labels first (see monailabel_app/README.md)")
+        counts = {self.class_names[i]: sum(d["label"] == i for d in datalist) for i in self.class_names}
+        logger.info(f"train datalist for {self.spec.name}: {len(datalist)} images, per class {counts}")
+        return datalist
+
+    def _load_checkpoint(self, model_pytorch: Any, pretrained: Any, train_handlers: List[Dict[str, Any]]) -> None:
+        """Start from the checkpoint the infer task serves (not ``<bundle>/models/<model_filename>``)."""
+        latest = self.spec.latest_checkpoint()
+        if not pretrained or latest is None:
+            logger.info(f"training {self.spec.name} from the bundle's initialisation (pretrained={pretrained})")
+            return
+        super()._load_checkpoint(str(latest), True, train_handlers)
+
+    def _update_overrides(self, overrides: Dict[str, Any]) -> Dict[str, Any]:
+        self.spec.train_dir.mkdir(parents=True, exist_ok=True)
+        overrides["output_dir"] = str(self.spec.train_dir)
+        return overrides
+
+    def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, Any]:
+        # multi-GPU would need configs/multi_gpu_train.*, which the bundle does not ship
+        request = {**request, "multi_gpu": False}
+        if "max_epochs" not in request:
+            request["max_epochs"] = int(self.conf.get("max_epochs", 10))
+        before = self._mtime(self.spec.trained_checkpoint)
+        super().__call__(request, datastore)
+        after = self._mtime(self.spec.trained_checkpoint)
+        if after is None or after == before:
+            raise RuntimeError(
+                f"training of {self.spec.name} finished without writing {self.spec.trained_checkpoint}; "
+                "check that the bundle's train workflow saves <output_dir>/models/model.pt"
+            )
+        logger.info(f"new checkpoint: {self.spec.trained_checkpoint}")
+        return {"checkpoint": str(self.spec.trained_checkpoint)}
+
+    def run_single_gpu(self, request: Dict[str, Any], overrides: Dict[str, Any]) -> None:
+        monai.bundle.run(
+            run_id=request.get("run_id") or "run",
+            meta_file=str(self.spec.metadata_file),
+            config_file=self.config_files,
+            **overrides,
+        )
+
+    @staticmethod
+    def _mtime(path: Path) -> Optional[float]:
+        return path.stat().st_mtime if path.exists() else None

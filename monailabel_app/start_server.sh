@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Start the MONAI Label server with the ffcl-monai classifier app.
+#
+#   monailabel_app/start_server.sh STUDIES_DIR [PORT] [extra monailabel start_server args...]
+#
+# e.g. monailabel_app/start_server.sh bundle/sample/images 8000 --conf models xray --conf model_path runs/x/models/model.pt
+#
+# Defaults, and why:
+#   - binds 127.0.0.1 (MONAI Label's own default is 0.0.0.0, i.e. every interface, with auth off); set
+#     LABEL_HOST=0.0.0.0 only on a trusted network,
+#   - port 8000 (or $LABEL_PORT),
+#   - --conf models xray unless the extra args name models,
+#   - datastore patterns that include .jpeg and .dcm (the app adds them too),
+#   - no model-zoo look-ups: the app never consults the zoo; BUNDLE_DOWNLOAD_SRC is set to a non-default source
+#     anyway, so that nothing in monailabel fetches the zoo index from GitHub,
+#   - the .label-venv made by monailabel_app/setup_env.sh (override with LABEL_VENV).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+VENV="${LABEL_VENV:-$ROOT/.label-venv}"
+
+if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
+    sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    exit $([[ $# -lt 1 ]] && echo 2 || echo 0)
+fi
+STUDIES="$1"; shift
+PORT="${LABEL_PORT:-8000}"
+if [[ $# -gt 0 && "$1" =~ ^[0-9]+$ ]]; then PORT="$1"; shift; fi
+HOST="${LABEL_HOST:-127.0.0.1}"
+
+if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import monailabel" 2>/dev/null; then
+    echo "[label-server] $VENV has no monailabel; create it with: bash monailabel_app/setup_env.sh" >&2
+    exit 1
+fi
+if [[ ! -d "$STUDIES" ]]; then
+    echo "[label-server] studies folder '$STUDIES' does not exist" >&2
+    exit 1
+fi
+
+EXTRA=("$@")
+if [[ " ${EXTRA[*]-} " != *" models "* ]]; then
+    EXTRA+=(--conf models xray)
+fi
+
+export BUNDLE_DOWNLOAD_SRC="${BUNDLE_DOWNLOAD_SRC:-ngc}"
+export MONAI_LABEL_DATASTORE_FILE_EXT="${MONAI_LABEL_DATASTORE_FILE_EXT:-[\"*.nii.gz\", \"*.nii\", \"*.nrrd\", \"*.jpg\", \"*.jpeg\", \"*.png\", \"*.tif\", \"*.dcm\"]}"
+# MLflow 3.13+ refuses file stores; a training run started from MONAI Label tracks to SQLite next to its checkpoint
+# unless the user chose a server.
+export PYTHONUNBUFFERED=1
+
+echo "[label-server] http://$HOST:$PORT  studies=$STUDIES  ${EXTRA[*]}" >&2
+# `python -m monailabel.main` rather than the `monailabel` wrapper script, which runs whatever `python` is first on PATH
+# and word-splits its arguments.
+exec "$VENV/bin/python" -m monailabel.main start_server \
+    --app "$HERE" \
+    --studies "$STUDIES" \
+    --host "$HOST" \
+    --port "$PORT" \
+    "${EXTRA[@]}"
