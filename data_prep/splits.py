@@ -13,8 +13,9 @@ Algorithm (:func:`carve`):
    remaining target of its stratum. Large multi-image patients that do not fit are skipped, and the target is then
    topped up by smaller (usually single-image) patients further down the shuffled list.
 5. Any shortfall left by a stratum (all its remaining groups too large) is filled in a final pass over all remaining
-   groups in the same shuffled order, again only with groups that fit. If the exact count still cannot be reached, a
-   :class:`SplitError` says what the closest reachable count is.
+   groups in the same shuffled order, again only with groups that fit. If that still leaves a gap (only large
+   patients remain), an exact subset-sum over the remaining groups closes it, and as a last resort over all groups
+   (exact count, stratification best effort). If the count is truly unreachable, a :class:`SplitError` says so.
 
 The result is exact (for Kermany ``--val-count 262`` gives 262 images), stratified to within one image per stratum
 in practice, never splits a patient, and is a pure function of (entries, seed).
@@ -160,15 +161,53 @@ def carve(
                 if left == 0:
                     break
     if left:
-        got = n_holdout - left
+        # Rare: the greedy passes got stuck (only large patients left). Solve the rest exactly as a subset sum over
+        # the untaken groups; failing that, over all groups (exact count, stratification best effort).
+        untaken = [g for g in order if g not in taken]
+        pick = _subset_sum([len(members[g]) for g in untaken], left)
+        if pick is not None:
+            taken.update(untaken[i] for i in pick)
+            left = 0
+        else:
+            pick = _subset_sum([len(members[g]) for g in order], n_holdout)
+            if pick is not None:
+                taken = {order[i] for i in pick}
+                left = 0
+    if left:
         raise SplitError(
-            f"cannot hold out exactly {n_holdout} images without splitting a patient (closest found: {got}); "
-            "choose another count or use a fraction"
+            f"cannot hold out exactly {n_holdout} images without splitting a patient: no combination of whole "
+            f"patients (group sizes {sorted(Counter(len(m) for m in members.values()).items())[:6]}...) adds up to "
+            "it; choose another count or use a fraction"
         )
     holdout = sorted(i for g in taken for i in members[g])
     hold = set(holdout)
     keep = [i for i in range(n) if i not in hold]
     return keep, holdout
+
+
+def _subset_sum(sizes: list[int], target: int) -> list[int] | None:
+    """Indices of a subset of ``sizes`` summing to ``target`` (earliest items preferred), or None.
+
+    Bitset dynamic programme with Python ints: ``reach[k]`` has bit t set when some subset of the first k items
+    sums to t. Reconstruction walks backwards and keeps an item whenever the remainder stays reachable without it
+    being skipped, which prefers items early in the (shuffled) order.
+    """
+    mask = (1 << (target + 1)) - 1
+    reach = [1]
+    for size in sizes:
+        reach.append((reach[-1] | (reach[-1] << size)) & mask)
+    if not (reach[-1] >> target) & 1:
+        return None
+    picked: list[int] = []
+    t = target
+    for k in range(len(sizes), 0, -1):
+        if t == 0:
+            break
+        if (reach[k - 1] >> t) & 1:
+            continue  # reachable without item k-1: skip it
+        picked.append(k - 1)
+        t -= sizes[k - 1]
+    return sorted(picked)
 
 
 def multilabel_stratum(label: Sequence[int], frequency: Sequence[int]) -> int:
