@@ -1,0 +1,208 @@
+"""MLflow, built in: a default SQLite store under ``output_dir``, an up-front reachability check, and logging that
+never kills a week-long run.
+
+- :func:`tracking_uri`: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<output_dir>/mlruns.db`` (MONAI 1.6.1 and
+  MLflow 3 reject file stores).
+- :func:`check_tracking`: called from each config's ``initialize``; an unreachable server fails the run at start,
+  with the URI and the fix, instead of after the first epoch.
+- :class:`SafeMLFlowHandler`: MONAI's ``MLFlowHandler`` whose logging calls warn and continue when the store fails
+  mid-run (local copies of everything stay in ``output_dir``), that can open its run as a child of a parent run
+  (pipelines, ablations), and that steps aside when ``--tracking mlflow`` attached MONAI's own handler too.
+- :func:`log_report`: one call that logs params, metrics and artifacts to a (possibly nested) run, used by the
+  evaluate workflow and by pipelines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ignite.engine import Engine, Events
+from monai.handlers import MLFlowHandler
+
+logger = logging.getLogger(__name__)
+
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def tracking_uri(output_dir: str | os.PathLike) -> str:
+    """The tracking URI runs use: ``MLFLOW_TRACKING_URI`` or a SQLite store in ``output_dir``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    path = Path(output_dir).resolve() / "mlruns.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def check_tracking(uri: str, timeout_s: float = 10.0) -> str:
+    """Fail fast, with a clear message, when the tracking store cannot be used. Returns the URI.
+
+    Also prints the ``mlflow ui`` command for local stores so that users know where to look.
+    """
+    import mlflow
+
+    if uri.startswith("file:") or "://" not in uri:
+        raise ValueError(
+            f"MLflow tracking URI {uri!r} is a file store, which MLflow 3 / MONAI 1.6.1 reject. Use "
+            "sqlite:///path/mlruns.db or an http(s) server (set `tracking_uri` or MLFLOW_TRACKING_URI)."
+        )
+    if uri.startswith(("http://", "https://")):
+        # A short timeout and no long retry loop: the user should learn at once that the server is down.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(timeout_s)))
+    try:
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as e:
+        raise RuntimeError(
+            f"cannot reach the MLflow tracking store {uri!r}: {type(e).__name__}: {e}. Start the server, fix "
+            "MLFLOW_TRACKING_URI / `tracking_uri`, or unset it to use the local SQLite store under output_dir."
+        ) from None
+    if uri.startswith("sqlite:///"):
+        logger.info("MLflow store: %s  (view with: mlflow ui --backend-store-uri %s)", uri, uri)
+    return uri
+
+
+def _warn(what: str, e: Exception) -> None:
+    warnings.warn(f"MLflow {what} failed ({type(e).__name__}: {e}); training continues, local copies are in output_dir.")
+
+
+class SafeMLFlowHandler(MLFlowHandler):
+    """``monai.handlers.MLFlowHandler`` that warns instead of raising when a logging call fails mid-run.
+
+    Args:
+        parent_run_id: open the run as a child of this run (one parent per pipeline or ablation).
+        *args, **kwargs: as ``MLFlowHandler``.
+    """
+
+    def __init__(self, *args: Any, parent_run_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.parent_run_id = parent_run_id
+        self._stepped_aside = False
+
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        engine.add_event_handler(Events.STARTED, self._step_aside_if_duplicated)
+
+    def _step_aside_if_duplicated(self, engine: Engine) -> None:
+        # `--tracking mlflow` appends MONAI's own MLFlowHandler to the same engine; two handlers would log every
+        # value twice into the same run, so this one yields to it.
+        for handlers in engine._event_handlers.values():
+            for func, *_ in handlers:
+                owner = getattr(func, "__self__", None)
+                if isinstance(owner, MLFlowHandler) and not isinstance(owner, SafeMLFlowHandler):
+                    self._stepped_aside = True
+                    return
+
+    def start(self, engine: Engine) -> None:
+        if self._stepped_aside:
+            return
+        try:
+            if not self.cur_run and self.parent_run_id:
+                self._set_experiment()
+                name = self.run_name or f"run_{time.strftime('%Y%m%d_%H%M%S')}"
+                runs = self.client.search_runs(
+                    self.experiment.experiment_id,
+                    filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and attributes.run_name = '{name}'",
+                )
+                runs = [r for r in runs if r.info.status != self.run_finish_status]
+                self.cur_run = runs[0] if runs else self.client.create_run(
+                    self.experiment.experiment_id, run_name=name, tags={PARENT_TAG: self.parent_run_id}
+                )
+            super().start(engine)
+        except Exception as e:
+            raise RuntimeError(
+                f"MLflow could not start a run at {os.environ.get('MLFLOW_TRACKING_URI') or getattr(self, 'tracking_uri', '?')}: {e}"
+            ) from e
+
+    def _log_params(self, params: dict[str, Any]) -> None:
+        if self._stepped_aside:
+            return
+        try:
+            super()._log_params(params)
+        except Exception as e:
+            _warn("param logging", e)
+
+    def _log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if self._stepped_aside:
+            return
+        try:
+            super()._log_metrics(metrics, step)
+        except Exception as e:
+            _warn("metric logging", e)
+
+    def complete(self) -> None:
+        if self._stepped_aside:
+            return
+        try:
+            super().complete()
+        except Exception as e:
+            _warn("artifact logging", e)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except Exception as e:
+            _warn("closing the run", e)
+
+
+def _flat_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in params.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flat_params(v, key + "."))
+        else:
+            out[key] = str(v)[:500]  # MLflow caps param values
+    return out
+
+
+def log_report(
+    uri: str,
+    experiment_name: str,
+    run_name: str,
+    params: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    artifacts: Sequence[str | os.PathLike] = (),
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> str | None:
+    """Log a finished result (params, metrics, files) as one MLflow run; warn instead of failing.
+
+    Returns:
+        the run id, or None when logging failed (the files stay in output_dir).
+    """
+    import math
+
+    import mlflow
+
+    try:
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(experiment_name)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment_name)
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags[PARENT_TAG] = parent_run_id
+        run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+        run_id = run.info.run_id
+        ts = int(time.time() * 1000)
+        metric_objs = [
+            mlflow.entities.Metric(k, float(v), ts, 0)
+            for k, v in (metrics or {}).items()
+            if isinstance(v, (int, float)) and not math.isnan(float(v))
+        ]
+        param_objs = [mlflow.entities.Param(k, v) for k, v in _flat_params(params or {}).items()]
+        client.log_batch(run_id, metrics=metric_objs, params=param_objs, tags=[])
+        for path in artifacts:
+            if path and os.path.exists(path):
+                client.log_artifact(run_id, str(path))
+        client.set_terminated(run_id, "FINISHED")
+        return run_id
+    except Exception as e:
+        _warn("report logging", e)
+        return None

@@ -1,0 +1,237 @@
+"""Handlers that make long runs trustworthy: deterministic epochs, resume, NaN guard, best-model saving and a local
+history that survives a tracking-server outage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from monai.data.utils import set_rnd
+from monai.utils import set_determinism
+
+from ffcl_monai.handlers.plots import plot_curves
+from ffcl_monai.networks.checkpoints import atomic_save, safe_load
+
+logger = logging.getLogger(__name__)
+
+
+class EpochSeedHandler:
+    """Re-seed every random source at the start of each epoch from ``seed + epoch``.
+
+    Epoch e then draws the same shuffling and augmentations whether the run went straight through or was resumed
+    from a checkpoint, which is what makes a resumed run end with the same metrics (on CPU).
+    """
+
+    def __init__(self, seed: int = 0, datasets: Sequence[Any] = ()) -> None:
+        self.seed = seed
+        self.datasets = list(datasets)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        s = self.seed + engine.state.epoch
+        set_determinism(seed=s)
+        for ds in self.datasets:
+            set_rnd(ds, s)
+
+
+class NaNGuard:
+    """Stop at the first non-finite loss, say where and what to try, and leave the last good checkpoints alone.
+
+    Raising (instead of ``engine.terminate()``) makes ``python -m monai.bundle run`` exit non-zero, and no
+    checkpoint handler runs after the bad iteration, so ``model.pt`` and the resume checkpoint stay the last good ones.
+    """
+
+    def __init__(self, output_transform: Any = None) -> None:
+        self.output_transform = output_transform
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        out = engine.state.output
+        if self.output_transform is not None:
+            loss = self.output_transform(out)
+        elif isinstance(out, dict):
+            loss = out.get("loss")
+        elif isinstance(out, (list, tuple)) and out and isinstance(out[0], dict):
+            loss = out[0].get("loss")
+        else:
+            loss = out
+        value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"loss is {value} at epoch {engine.state.epoch}, iteration {engine.state.iteration}; training stopped. "
+                "The last good checkpoints are kept (best model and resume checkpoint in output_dir). Try a lower "
+                "`learning_rate`, check the images for NaN/inf values, or disable `amp`."
+            )
+
+
+class ResumeHandler:
+    """Save everything needed to continue a run at the end of every epoch; load it at start when ``resume``.
+
+    The checkpoint holds state dicts only (weights_only-loadable): network, optimizer, LR scheduler, the trainer's
+    epoch/iteration counters and the validator's best metric, so best-model selection also continues correctly.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any = None,
+        validator: Engine | None = None,
+        resume: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.network = network
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.validator = validator
+        self.resume = resume
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def _net(self) -> torch.nn.Module:
+        return getattr(self.network, "module", self.network)  # unwrap DDP
+
+    def save(self, engine: Engine) -> None:
+        payload: dict[str, Any] = {
+            "model": self._net().state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "trainer": {"epoch": engine.state.epoch, "iteration": engine.state.iteration},
+        }
+        if self.lr_scheduler is not None:
+            payload["lr_scheduler"] = self.lr_scheduler.state_dict()
+        if self.validator is not None:
+            payload["validator"] = {
+                "best_metric": float(getattr(self.validator.state, "best_metric", -1)),
+                "best_metric_epoch": int(getattr(self.validator.state, "best_metric_epoch", -1)),
+            }
+        atomic_save(payload, self.path)
+
+    def load(self, engine: Engine) -> None:
+        if not self.resume:
+            return
+        if not self.path.is_file():
+            raise FileNotFoundError(
+                f"`resume` is set but there is no resume checkpoint at {self.path}. Use the same --output_dir as the "
+                "interrupted run, or drop --resume to start fresh."
+            )
+        ckpt = safe_load(self.path)
+        self._net().load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.lr_scheduler is not None and "lr_scheduler" in ckpt:
+            self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+        engine.state.epoch = int(ckpt["trainer"]["epoch"])
+        engine.state.iteration = int(ckpt["trainer"]["iteration"])
+        if self.validator is not None and "validator" in ckpt:
+            self.validator.state.best_metric = ckpt["validator"]["best_metric"]
+            self.validator.state.best_metric_epoch = ckpt["validator"]["best_metric_epoch"]
+        logger.info("resumed from %s at epoch %d", self.path, engine.state.epoch)
+
+
+class BestModelSaver:
+    """Save ``{"model": state_dict}`` whenever the validator's key metric reaches a new best.
+
+    MONAI's evaluator already tracks ``best_metric``/``best_metric_epoch``; saving off that state (rather than a
+    second score bookkeeping) keeps the choice consistent across resumes.
+    """
+
+    def __init__(self, path: str | os.PathLike, network: torch.nn.Module) -> None:
+        self.path = Path(path)
+        self.network = network
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if engine.state.best_metric_epoch == engine.state.epoch:
+            net = getattr(self.network, "module", self.network)
+            atomic_save({"model": net.state_dict()}, self.path)
+            logger.info("new best %s=%.4f at epoch %d -> %s", engine.state.key_metric_name,
+                        engine.state.best_metric, engine.state.epoch, self.path)
+
+
+class HistoryWriter:
+    """Per-epoch local record (``history.jsonl`` + ``training_curves.png``) of train loss, LR and validation metrics.
+
+    Also puts ``train_loss_epoch`` into the trainer's ``state.metrics`` so MLflow logs an epoch-level curve.
+    Attach it after the ValidationHandler and before the MLflow handler.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, validator: Engine | None = None, optimizer: Any = None) -> None:
+        self.dir = Path(output_dir)
+        self.validator = validator
+        self.optimizer = optimizer
+        self._losses: list[float] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+        engine.add_event_handler(Events.COMPLETED, self._plot)
+
+    def _collect(self, engine: Engine) -> None:
+        out = engine.state.output
+        loss = out[0]["loss"] if isinstance(out, list) else out["loss"] if isinstance(out, dict) else out
+        self._losses.append(float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss))
+        if self.optimizer is not None:
+            self._lr = self.optimizer.param_groups[0]["lr"]  # the rate used this epoch, before the scheduler steps
+
+    def _write(self, engine: Engine) -> None:
+        row: dict[str, Any] = {"epoch": engine.state.epoch}
+        if self._losses:
+            row["train_loss"] = sum(self._losses) / len(self._losses)
+            engine.state.metrics["train_loss_epoch"] = row["train_loss"]
+        self._losses = []
+        if self.optimizer is not None:
+            row["lr"] = getattr(self, "_lr", self.optimizer.param_groups[0]["lr"])
+        if self.validator is not None and self.validator.state.epoch == engine.state.epoch:
+            row.update({k: float(v) for k, v in self.validator.state.metrics.items() if isinstance(v, (int, float))})
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "history.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _plot(self, engine: Engine) -> None:
+        path = self.dir / "history.jsonl"
+        if not path.is_file():
+            return
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        val_keys = [k for k in ("val_auc", "val_accuracy", "val_f1") if any(k in r for r in rows)]
+        plot_curves(rows, ["train_loss", *val_keys], self.dir / "training_curves.png", title="training")
+
+
+class EarlyStopper:
+    """Stop training when the validator's key metric has not improved for ``patience`` validations.
+
+    Attached to the trainer (after the ValidationHandler) and driven by MONAI's own ``best_metric_epoch``, so it
+    needs no second score bookkeeping and survives resume.
+    """
+
+    def __init__(self, validator: Engine, patience: int, val_interval: int = 1) -> None:
+        self.validator = validator
+        self.patience = patience
+        self.val_interval = val_interval
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        best_epoch = getattr(self.validator.state, "best_metric_epoch", -1)
+        if best_epoch < 1 or self.validator.state.epoch != engine.state.epoch:
+            return
+        if (engine.state.epoch - best_epoch) // self.val_interval >= self.patience:
+            logger.info("early stopping at epoch %d: no improvement since epoch %d", engine.state.epoch, best_epoch)
+            print(f"early stopping at epoch {engine.state.epoch}: best validation at epoch {best_epoch}", flush=True)
+            engine.terminate()
