@@ -55,7 +55,7 @@ def _stratum(r: Record, freq: list[int] | None) -> Any:
 
 
 def _carve_split(
-    recs: list[Record], n: int, seed: int, hashes: dict[str, str | None], salt: str
+    recs: list[Record], n: int, seed: int, hashes: dict[str, str | None], salt: str, avoid: set[str] | None = None
 ) -> tuple[list[Record], list[Record]]:
     freq = None
     if recs and isinstance(recs[0].label, list):
@@ -64,7 +64,8 @@ def _carve_split(
     pats = [patient_hash(r.patient, salt) if r.patient is not None else None for r in recs]
     hs = [hashes.get(str(r.path)) for r in recs]
     groups = build_groups(pats, hs)
-    keep, hold = carve(strata, groups, n, seed)
+    eligible = [p is None or p not in avoid for p in pats] if avoid else None
+    keep, hold = carve(strata, groups, n, seed, eligible)
     return [recs[i] for i in keep], [recs[i] for i in hold]
 
 
@@ -176,7 +177,10 @@ def run_pipeline(scan: Scan, opts: CommonOptions) -> int:
             raise SplitError("SRC has an official validation split; drop --val-count/--val-fraction")
         n_val = resolve_count(len(by_split["training"]), opts.val_count, opts.val_fraction, "training", "val")
         if n_val:
-            keep, val = _carve_split(by_split["training"], n_val, opts.seed + 1, hashes, salt)
+            # patients that the source also put in its test split stay in training (validation never shares a
+            # patient with test, even when the official train/test split does)
+            avoid = {patient_hash(r.patient, salt) for r in by_split["test"] if r.patient is not None}
+            keep, val = _carve_split(by_split["training"], n_val, opts.seed + 1, hashes, salt, avoid)
             by_split["training"] = keep
             by_split["validation"].extend(val)
             carved.append("validation")

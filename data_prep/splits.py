@@ -110,12 +110,15 @@ def carve(
     groups: Sequence[Hashable],
     n_holdout: int,
     seed: int,
+    eligible: Sequence[bool] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Split indices into ``(keep, holdout)`` with exactly ``n_holdout`` images in holdout.
 
     ``strata[i]`` is the stratification key of image i (class, or a finer key such as bacteria/virus);
     ``groups[i]`` its group (see :func:`build_groups`). No group is ever divided. Raises :class:`SplitError` when
-    the exact count is unreachable. See the module docstring for the algorithm.
+    the exact count is unreachable. ``eligible[i] = False`` keeps image i's whole group out of the holdout (used for
+    patients that also appear in an official test split, so that a carved validation set never shares a patient
+    with test). See the module docstring for the algorithm.
     """
     n = len(strata)
     if len(groups) != n:
@@ -129,13 +132,22 @@ def carve(
     for i, g in enumerate(groups):
         members[g].append(i)
     group_keys = sorted(members, key=lambda g: (str(type(g)), str(g)))
+    all_keys = list(group_keys)
+    if eligible is not None:
+        group_keys = [g for g in group_keys if all(eligible[i] for i in members[g])]
+        if sum(len(members[g]) for g in group_keys) < n_holdout:
+            raise SplitError(
+                f"only {sum(len(members[g]) for g in group_keys)} images belong to patients that are not in another "
+                f"split; cannot hold out {n_holdout}"
+            )
     group_stratum: dict[Hashable, Hashable] = {}
-    for g in group_keys:
+    for g in all_keys:
         c = Counter(strata[i] for i in members[g])
         best = max(c.values())
         group_stratum[g] = sorted((s for s, v in c.items() if v == best), key=str)[0]
 
-    image_count = Counter(group_stratum[g] for g in group_keys for _ in members[g])
+    # targets follow the class mix of the whole set, including groups that are not eligible for the holdout
+    image_count = Counter(group_stratum[g] for g in all_keys for _ in members[g])
     targets = _largest_remainder(n_holdout, dict(image_count))
 
     rng = np.random.default_rng(seed)

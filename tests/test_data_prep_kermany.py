@@ -202,3 +202,20 @@ def test_oct2017(tmp_path):
     assert d["num_classes"] == 4 and d["sizes"]["validation"] == 8 and d["sizes"]["test"] == 12
     pats = _patients_by_split(d)
     assert not pats["training"] & pats["validation"]
+
+
+def test_validation_never_shares_a_patient_with_official_test(tmp_path, capsys):
+    # the official test folder reuses patient IDs of train/ (as distributed); carved validation must avoid them
+    src = make_kermany(tmp_path / "raw", test=True)
+    train_names = sorted(p.name for p in (src / "train" / "PNEUMONIA").glob("*.jpeg"))
+    for i, name in enumerate(train_names[::3]):
+        person = name.split("_")[0]
+        make_image(src / "test" / "PNEUMONIA" / f"{person}_bacteria_{9000 + i}.jpeg", 5000 + i)
+    for seed in range(4):
+        out = tmp_path / f"k{seed}.json"
+        assert main(["kermany", str(src), "--out", str(out), "--val-count", "12", "--seed", str(seed),
+                     "--no-progress"]) == 0
+        pats = _patients_by_split(_load(out))
+        assert pats["training"] & pats["test"]  # inherited from the source: reported as a warning
+        assert not pats["validation"] & pats["test"] and not pats["validation"] & pats["training"]
+    assert "more than one official split" in capsys.readouterr().out
