@@ -1,4 +1,4 @@
-"""Command line: ``python -m data_prep <layout> SRC --out DATALIST.json [options]`` and ``python -m data_prep check``."""
+"""Command line: ``python -m data_prep <layout> SRC --out DATALIST.json [options]``, ``python -m data_prep check``."""
 
 from __future__ import annotations
 
@@ -95,9 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         if out.suffix.lower() != ".json":
             raise LayoutError(f"--out {out} should end in .json")
         ensure_outside_src(src, out)
+        if not args.check and (args.drop_bad or args.drop_duplicates):
+            raise LayoutError("--drop-bad and --drop-duplicates need the image check; remove --no-check")
         scan = args.scan(args)
         opts = CommonOptions(
-            src=src, out=out, seed=args.seed, salt=args.salt, check=args.check, drop_bad=args.drop_bad, drop_duplicates=args.drop_duplicates,
+            src=src, out=out, seed=args.seed, salt=args.salt, check=args.check, drop_bad=args.drop_bad,
+            drop_duplicates=args.drop_duplicates,
             workers=args.workers, progress=args.progress, name=args.name,
             val_count=getattr(args, "val_count", None), val_fraction=getattr(args, "val_fraction", None),
             test_count=getattr(args, "test_count", None), test_fraction=getattr(args, "test_fraction", None),

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 
 
-def make_image(path: Path, seed: int, size: tuple[int, int] = (12, 12), mode: str = "RGB", fmt: str | None = None) -> Path:
+def make_image(
+    path: Path, seed: int, size: tuple[int, int] = (12, 12), mode: str = "RGB", fmt: str | None = None
+) -> Path:
     """Write a small noise image (JPEG/PNG by suffix)."""
     from PIL import Image
 
@@ -87,7 +89,8 @@ def make_chexpert(root: Path, n_patients: int = 12, seed: int = 0) -> Path:
         for p in range(n):
             pid = p + 1 if split == "train" else 64541 + p
             for study in range(1 + p % 2):
-                for view, fl, ap in (("view1_frontal", "Frontal", "AP" if p % 2 else "PA"), ("view2_lateral", "Lateral", "")):
+                views = (("view1_frontal", "Frontal", "AP" if p % 2 else "PA"), ("view2_lateral", "Lateral", ""))
+                for view, fl, ap in views:
                     if view == "view2_lateral" and p % 3:
                         continue
                     rel = f"CheXpert-v1.0-small/{split}/patient{pid:05d}/study{study + 1}/{view}.jpg"

@@ -165,6 +165,7 @@ class Report:
 
     @property
     def ok(self) -> bool:
+        """True when no error was found (warnings do not count)."""
         return not self.errors
 
     def format(self, title: str = "data_prep check") -> str:
@@ -293,8 +294,8 @@ def check_entries(datalist: dict[str, Any], json_dir: Path, infos: dict[str, Fil
             conflicting.append(desc)
     if cross:
         rep.errors.append(
-            f"LEAKAGE: {len(cross)} image(s) with identical content appear in more than one split (for official splits, "
-            "--drop-duplicates removes the training/validation copy):\n" + _listing(cross)
+            f"LEAKAGE: {len(cross)} image(s) with identical content appear in more than one split "
+            "(for official splits, --drop-duplicates removes the training/validation copy):\n" + _listing(cross)
         )
     if conflicting:
         rep.warnings.append(

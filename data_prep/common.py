@@ -38,7 +38,6 @@ class Record:
     stratum: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
     read_path: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def readable(self) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,7 +161,9 @@ def run_pipeline(scan: Scan, opts: CommonOptions) -> int:
         carved: list[str] = []
         want_test = opts.test_count is not None or opts.test_fraction is not None
         if want_test and "test" in scan.official:
-            raise SplitError("SRC has an official test split; --test-count/--test-fraction would replace it. Drop them.")
+            raise SplitError(
+                "SRC has an official test split; --test-count/--test-fraction would replace it. Drop those options."
+            )
         # unsplit images join the training pool; without an official test split, test is carved from that pool
         by_split["training"].extend(pool)
         if "test" not in scan.official and by_split["training"]:

@@ -148,7 +148,8 @@ def scan_oct(args: argparse.Namespace) -> Scan:
               "treated as its own patient", file=sys.stderr, flush=True)
     return Scan(
         layout="oct2017", records=records, class_names=classes, task="multiclass", spatial_dims=2, modality="OCT",
-        description="Retinal OCT2017 (Kermany, Zhang, Goldbaum, Mendeley Data v2, doi:10.17632/rscbjbr9sj.2, CC BY 4.0)",
+        description="Retinal OCT2017 (Kermany, Zhang, Goldbaum, Mendeley Data v2, doi:10.17632/rscbjbr9sj.2, "
+                    "CC BY 4.0)",
         options={"official_val": args.official_val, "unrecognised_patient_ids": unknown},
         official=official,
     )
