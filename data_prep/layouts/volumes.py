@@ -237,8 +237,10 @@ def scan(args: argparse.Namespace) -> Scan:
     used = {items[i] for i in ids}
     unlabeled = [p for p in (niftis or series) if p not in used]
     if unlabeled:
-        print(f"volumes: {len(unlabeled)} volume(s) have no row in {labels_csv.name} and are left out, e.g. "
-              f"{unlabeled[0].relative_to(src)}", file=sys.stderr)
+        # DICOM series folders are often named after the patient: name only NIfTI files in this log line
+        example = f", e.g. {unlabeled[0].relative_to(src)}" if niftis else ""
+        print(f"volumes: {len(unlabeled)} volume(s) have no row in {labels_csv.name} and are left out{example}",
+              file=sys.stderr)
     labels, names = labels_to_ints([r[args.label_column] for r in rows], parse_class_map(args.class_names),
                                    str(labels_csv), args.label_column)
     out = Path(args.out).absolute()
