@@ -59,6 +59,8 @@ __all__ = [
     "LocalContrastiveTrainer",
     "GlobalContrastiveTrainer",
     "BackboneSaver",
+    "StageHistory",
+    "init_backbone",
     "as_backbone",
     "default_amp",
     "local_step_per_block",
@@ -446,3 +448,32 @@ def init_backbone(network: nn.Module, init: str | None) -> nn.Module:
     else:
         load_backbone(as_backbone(network), init)
     return network
+
+
+class StageHistory:
+    """Per-epoch ``engine.state.metrics`` of a pretraining stage to ``stage_history.jsonl`` and ``stage_curves.png``
+    (per-block local losses, global loss), written at every epoch end so that MLflow's end-of-run upload finds them."""
+
+    def __init__(self, output_dir: str | os.PathLike, title: str = "") -> None:
+        self.dir = Path(output_dir)
+        self.title = title
+        self.history: list[dict[str, float]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        import json
+
+        from ffcl_monai.handlers.plots import plot_curves
+
+        if _dist_on() and dist.get_rank() != 0:
+            return
+        row = {"epoch": engine.state.epoch}
+        row.update({k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float))})
+        self.history.append(row)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "stage_history.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        keys = sorted({k for r in self.history for k in r if k != "epoch"})
+        plot_curves(self.history, keys, self.dir / "stage_curves.png", self.title)
