@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
@@ -33,6 +32,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
 from monailabel.utils.others.generic import strtobool
 
+from lib.configs import load_workflow_config
 from lib.models import ModelSpec, class_names
 
 logger = logging.getLogger(__name__)
@@ -104,16 +104,13 @@ class ClassifierInferTask(BundleInferTask):
 
     def _load_bundle_config(self, path: str, config: Any) -> ConfigParser:
         """Merge the workflow's config files (``common.yaml`` + ``inference.yaml`` + overlay) and the metadata."""
-        parser = ConfigParser()
-        parser.read_meta(str(self.spec.metadata_file))
-        parser.read_config(list(config) if isinstance(config, (list, tuple)) else [config])
-        parser.config.update({self.const.key_bundle_root(): path})  # type: ignore[union-attr]
-        return parser
+        files = list(config) if isinstance(config, (list, tuple)) else [config]
+        return load_workflow_config(files, self.spec.metadata_file, path)
 
     def info(self) -> Dict[str, Any]:
         i = super().info()
         latest = self.spec.latest_checkpoint()
-        i["checkpoint"] = os.path.basename(latest) if latest else None
+        i["checkpoint"] = str(latest) if latest else None
         return i
 
     def _get_network(self, device: Any, data: Any) -> torch.nn.Module:

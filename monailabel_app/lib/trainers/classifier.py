@@ -10,8 +10,11 @@ given in the label's ``params`` (``-F 'params={"label": "PNEUMONIA"}'``) with an
 the integer the bundle's train workflow expects and runs that workflow (``common.yaml`` + ``train.yaml`` + overlay)
 through MONAI Label's ``BundleTrainTask`` machinery, with these overrides:
 
-- ``train#dataset#data`` / ``validate#dataset#data``: ``[{"image": path, "label": int}]`` from the datastore,
-- ``train#trainer#max_epochs``, ``device``, ``bundle_root``,
+- ``datalist``: a decathlon datalist JSON (docs/conventions.md format: header + ``training``/``validation`` with
+  ``{"image": path, "label": int}``) written to ``<output_dir>/datalist.json`` from the datastore, split per class.
+  The bundle then loads and checks it exactly as in a command-line run. (A bundle whose ``train#dataset`` is a
+  component with a ``data`` list gets ``train#dataset#data``/``validate#dataset#data`` instead, as in the stock task.)
+- ``max_epochs`` / ``train#trainer#max_epochs``, ``device``, ``bundle_root``,
 - ``output_dir``: ``<model_dir>/<model name>`` so the best model lands in ``<output_dir>/models/model.pt``, which the
   infer task then serves (newest existing checkpoint wins),
 - ``train#handlers``: a ``CheckpointLoader`` of the currently served checkpoint is prepended when ``pretrained``.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -30,6 +34,7 @@ from monai.bundle import ConfigParser
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.tasks.train.bundle import BundleConstants, BundleTrainTask
 
+from lib.configs import load_workflow_config
 from lib.models import ModelSpec, class_names
 
 logger = logging.getLogger(__name__)
@@ -99,11 +104,7 @@ class ClassifierTrainTask(BundleTrainTask):
         self._description = f"Fine-tune {spec.name} ({spec.dimension}D) from per-image labels in the datastore"
 
     def _load_bundle_config(self, path: str, config: Any) -> ConfigParser:
-        parser = ConfigParser()
-        parser.read_meta(str(self.spec.metadata_file))
-        parser.read_config(self.config_files)
-        parser.config.update({self.const.key_bundle_root(): path})  # type: ignore[union-attr]
-        return parser
+        return load_workflow_config(self.config_files, self.spec.metadata_file, path)
 
     def config(self) -> Dict[str, Any]:
         options = super().config()
@@ -132,6 +133,51 @@ class ClassifierTrainTask(BundleTrainTask):
         logger.info(f"train datalist for {self.spec.name}: {len(datalist)} images, per class {counts}")
         return datalist
 
+    def _partition_datalist(
+        self, datalist: List[Dict[str, Any]], request: Dict[str, Any], shuffle: bool = False
+    ) -> tuple[List[Dict[str, Any]], Optional[List[Dict[str, Any]]]]:
+        """Per-class (stratified), seeded split, so that validation sees every class whenever it can.
+
+        The stock split takes the last ``val_split`` fraction in datastore order, which for a handful of labels is
+        often a single class: ROC-AUC is then undefined and the bundle never saves a best model.
+        ``val_split <= 0`` validates on the training images (only useful to get a checkpoint from very few labels).
+        """
+        val_split = float(request.get("val_split", 0.2))
+        if val_split <= 0:
+            logger.warning("val_split <= 0: validating on the training images")
+            return datalist, list(datalist)
+        rng = random.Random(int(request.get("seed", 0)))
+        train, val = [], []
+        for idx in sorted({d["label"] for d in datalist}):
+            items = [d for d in datalist if d["label"] == idx]
+            rng.shuffle(items)
+            n_val = min(len(items) - 1, max(1, round(val_split * len(items)))) if len(items) > 1 else 0
+            val += items[:n_val]
+            train += items[n_val:]
+        if not val:
+            logger.warning("too few labels for a validation split: validating on the training images")
+            val = list(train)
+        logger.info(f"{len(train)} training / {len(val)} validation images (val_split={val_split})")
+        return train, val
+
+    def _write_datalist(self, train: List[Dict[str, Any]], val: List[Dict[str, Any]]) -> Path:
+        """The datastore labels as a datalist in the project's format (absolute image paths)."""
+        task = self.bundle_config.get("task", "binary")
+        header = {
+            "name": f"monailabel_{self.spec.name}",
+            "description": "labels saved in the MONAI Label datastore (written by monailabel_app)",
+            "task": task if isinstance(task, str) and not task.startswith("$") else "binary",
+            "labels": {str(i): n for i, n in self.class_names.items()},
+            "num_classes": len(self.class_names),
+            "spatial_dims": self.spec.dimension,
+        }
+        path = self.spec.train_dir / "datalist.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({**header, "training": train, "validation": val}, indent=2))
+        os.replace(tmp, path)
+        return path
+
     def _load_checkpoint(self, model_pytorch: Any, pretrained: Any, train_handlers: List[Dict[str, Any]]) -> None:
         """Start from the checkpoint the infer task serves (not ``<bundle>/models/<model_filename>``)."""
         latest = self.spec.latest_checkpoint()
@@ -143,6 +189,16 @@ class ClassifierTrainTask(BundleTrainTask):
     def _update_overrides(self, overrides: Dict[str, Any]) -> Dict[str, Any]:
         self.spec.train_dir.mkdir(parents=True, exist_ok=True)
         overrides["output_dir"] = str(self.spec.train_dir)
+        max_epochs = overrides[self.const.key_train_trainer_max_epochs()]
+        if "max_epochs" in self.bundle_config.config:  # type: ignore[operator]
+            overrides["max_epochs"] = max_epochs  # also drives e.g. the LR schedule length
+        dataset = self.bundle_config.get("train#dataset")
+        if not (isinstance(dataset, dict) and "data" in dataset):
+            # train#dataset is built from the `datalist` file (ffcl-monai bundle): hand the labels over as a
+            # datalist, so the bundle's own loading, checks and summaries run unchanged.
+            train = overrides.pop(self.const.key_train_dataset_data())
+            val = overrides.pop(self.const.key_validate_dataset_data(), None) or list(train)
+            overrides["datalist"] = str(self._write_datalist(train, val))
         return overrides
 
     def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, Any]:
