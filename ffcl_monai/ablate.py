@@ -1,0 +1,292 @@
+"""The FFCL paper's Table 1 on any datalist, in one command (seed 000, Table 1: stage orders x initialisations).
+
+    python -m ffcl_monai.ablate --datalist d.json --backbone resnet18 --image-size 32 \\
+        --variants rbp-random,ffcl-lg-random,ffcl-gl-random,local-random,global-random[,rbp-imagenet,...] \\
+        [--imagenet-weights resnet18.pth] [--output-dir runs/ablate] [--set key=value ...]
+
+Each variant is ``<approach>-<init>``:
+    approach: ``rbp`` (no pretraining, plain back-propagation), ``ffcl-lg`` (local -> global, FFCL),
+              ``ffcl-gl`` (global -> local), ``local`` (local only), ``global`` (global only)
+    init:     ``random`` or ``imagenet`` (needs ``--imagenet-weights``, a torchvision ResNet state-dict file)
+
+Every variant is the FFCL pipeline (``bundle/configs/ffcl.yaml``) in ``<output-dir>/<variant>``; all of them log to
+one MLflow store (``<output-dir>/mlruns.db``) under one parent run. The table is written as ``table.md`` (the paper's
+layout, values in %, bootstrap 95% CIs) and ``table.csv``, with ``table.png`` (bars with CI whiskers), from the split
+given by ``--split`` (default: ``test`` when the datalist has one, else ``validation``). Models are always selected
+on validation; with ``--split validation`` the CIs describe the selection split itself and are optimistic.
+
+Resume: a variant whose ``pipeline_summary.json`` holds the table split's metrics is skipped on rerun; an
+interrupted variant resumes inside its pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+APPROACHES: dict[str, tuple[str, str, str]] = {
+    # name: (stages key, Table 1 "Approach", Table 1 "Contrastive")
+    "rbp": ("none", "RBP", "–"),
+    "ffcl-lg": ("local,global", "FFCL", "Local→Global"),
+    "ffcl-gl": ("global,local", "FFCL", "Global→Local"),
+    "local": ("local", "FFCL", "Local only"),
+    "global": ("global", "FFCL", "Global only"),
+}
+INITS = ("random", "imagenet")
+METRICS = [("accuracy", "Accuracy"), ("f1", "F1"), ("precision", "Precision"), ("recall", "Recall"), ("auc", "AUC")]
+DEFAULT_VARIANTS = "rbp-random,ffcl-lg-random,ffcl-gl-random,local-random,global-random"
+
+
+def parse_variant(name: str) -> tuple[str, str]:
+    """``"ffcl-lg-random"`` -> ``("ffcl-lg", "random")``."""
+    for init in INITS:
+        if name.endswith("-" + init):
+            approach = name[: -len(init) - 1]
+            if approach in APPROACHES:
+                return approach, init
+    raise ValueError(
+        f"unknown variant {name!r}; use <approach>-<init> with approach in {list(APPROACHES)} and init in {list(INITS)}, "
+        "e.g. ffcl-lg-random."
+    )
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _overlays_for(datalist: str) -> list[str]:
+    try:
+        header = json.loads(Path(datalist).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"cannot read the datalist {datalist}: {e}") from None
+    return ["3d.yaml"] if int(header.get("spatial_dims", 2)) == 3 else []
+
+
+def _has_split(datalist: str, split: str) -> bool:
+    items = json.loads(Path(datalist).read_text()).get(split)
+    return isinstance(items, list) and len(items) > 0
+
+
+def _fmt(m: dict[str, float]) -> str:
+    return f"{100 * m['value']:.2f} [{100 * m['ci_low']:.2f}, {100 * m['ci_high']:.2f}]"
+
+
+def write_table(rows: list[dict[str, Any]], out: Path, backbone: str, split: str, n: int | None) -> list[Path]:
+    """``table.md`` (paper layout), ``table.csv`` and ``table.png`` from the finished variants."""
+    md = [
+        f"Table 1 layout, {backbone}, {split} split" + (f" (n={n})" if n else "") + ": value [bootstrap 95% CI], in %.",
+        "",
+        "| Backbone | Approach | Contrastive | Initialization | " + " | ".join(t for _, t in METRICS) + " | wall (s) |",
+        "|---|---|---|---|" + "---|" * len(METRICS) + "---|",
+    ]
+    for r in rows:
+        cells = [_fmt(r["metrics"][k]) if k in r["metrics"] else "n/a" for k, _ in METRICS]
+        md.append(f"| {backbone} | {r['approach']} | {r['contrastive']} | {r['init']} | " + " | ".join(cells)
+                  + f" | {r['wall_s']:.0f} |")
+    (out / "table.md").write_text("\n".join(md) + "\n")
+    with open(out / "table.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["variant", "backbone", "approach", "contrastive", "initialization", "split",
+                    *[f"{k}{s}" for k, _ in METRICS for s in ("", "_ci_low", "_ci_high")], "wall_s"])
+        for r in rows:
+            vals = []
+            for k, _ in METRICS:
+                m = r["metrics"].get(k, {})
+                vals += [m.get("value", ""), m.get("ci_low", ""), m.get("ci_high", "")]
+            w.writerow([r["variant"], backbone, r["approach"], r["contrastive"], r["init"], split, *vals, f"{r['wall_s']:.1f}"])
+    return [out / "table.md", out / "table.csv", plot_table(rows, out / "table.png", f"{backbone}, {split} split")]
+
+
+def plot_table(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Grouped bars (one group per metric, one bar per variant) with bootstrap CI whiskers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(9, 4), dpi=110)
+    width = 0.8 / max(len(rows), 1)
+    x = np.arange(len(METRICS))
+    for i, r in enumerate(rows):
+        vals = np.array([r["metrics"].get(k, {}).get("value", np.nan) for k, _ in METRICS]) * 100
+        lo = np.array([r["metrics"].get(k, {}).get("ci_low", np.nan) for k, _ in METRICS]) * 100
+        hi = np.array([r["metrics"].get(k, {}).get("ci_high", np.nan) for k, _ in METRICS]) * 100
+        ax.bar(x + (i - (len(rows) - 1) / 2) * width, vals, width, label=r["variant"],
+               yerr=np.vstack([np.clip(vals - lo, 0, None), np.clip(hi - vals, 0, None)]), capsize=2)
+    ax.set_xticks(x, [t for _, t in METRICS])
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ffcl_monai.ablate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datalist", required=True)
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated (default {DEFAULT_VARIANTS})")
+    p.add_argument("--output-dir", default="runs/ablate")
+    p.add_argument("--image-size", type=int, default=None, help="square/cubic input size (default: the config's)")
+    p.add_argument("--imagenet-weights", default=None, help="torchvision ResNet state-dict file for *-imagenet variants")
+    p.add_argument("--split", default="auto", help="table split: auto (test if present, else validation) | validation | test")
+    p.add_argument("--local-epochs", type=int, default=None)
+    p.add_argument("--global-epochs", type=int, default=None)
+    p.add_argument("--max-epochs", type=int, default=None, help="downstream fine-tuning epochs")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other config override, e.g. --set local_lr=0.0003 --set averaging=balanced")
+    p.add_argument("--experiment-name", default="ffcl_ablation")
+    args = p.parse_args(argv)
+
+    from ffcl_monai.handlers.mlflow_tracking import check_tracking, tracking_uri
+    from ffcl_monai.pipeline import configs_dir, run_step
+
+    datalist = str(Path(args.datalist).resolve())
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    parsed = [parse_variant(v) for v in variants]
+    if any(init == "imagenet" for _, init in parsed):
+        if not args.imagenet_weights or not os.path.isfile(args.imagenet_weights):
+            p.error("*-imagenet variants need --imagenet-weights <torchvision ResNet state-dict file> (nothing is downloaded)")
+    split = args.split
+    if split == "auto":
+        split = "test" if _has_split(datalist, "test") else "validation"
+    if not _has_split(datalist, split):
+        p.error(f"the datalist has no '{split}' split to tabulate")
+    overlays = _overlays_for(datalist)
+    out = Path(args.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    uri = check_tracking(tracking_uri(out))
+    overrides: dict[str, Any] = {"datalist": datalist, "backbone": args.backbone, "tracking_uri": uri,
+                                 "experiment_name": args.experiment_name, "overlays": overlays}
+    if args.image_size:
+        overrides["image_size"] = [args.image_size] * (3 if overlays else 2)
+    for key, flag in [("local_epochs", args.local_epochs), ("global_epochs", args.global_epochs),
+                      ("max_epochs", args.max_epochs), ("batch_size", args.batch_size)]:
+        if flag is not None:
+            overrides[key] = flag
+    for item in args.set:
+        if "=" not in item:
+            p.error(f"--set needs KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = _literal(v)
+
+    state_path = out / "ablation_state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    parent = _open_parent(uri, args.experiment_name, state.get("parent_run_id"), out.name)
+    state["parent_run_id"] = parent
+    state_path.write_text(json.dumps(state, indent=2))
+
+    t0 = time.time()
+    rows: list[dict[str, Any]] = []
+    status = "FAILED"
+    try:
+        for variant, (approach, init) in zip(variants, parsed):
+            vdir = out / variant
+            summary_path = vdir / "pipeline_summary.json"
+            stages, approach_name, contrastive = APPROACHES[approach]
+            if not _finished(summary_path, split):
+                print(f"\n######## ablation variant {variant}: stages={stages}, init={init} ########", flush=True)
+                init_value = "random" if init == "random" else f"imagenet:{os.path.abspath(args.imagenet_weights)}"
+                run_step(
+                    ["common.yaml", *overlays, "ffcl.yaml"],
+                    {**overrides, "output_dir": str(vdir), "stages": stages, "init": init_value,
+                     "mlflow_parent_run_id": parent, "run_name": variant},
+                )
+            else:
+                print(f"== variant {variant}: finished earlier, skipped", flush=True)
+            summary = json.loads(summary_path.read_text())
+            metrics = json.loads(Path(summary["output_dir"], *([] if split == "test" else [split]), "metrics.json").read_text())
+            rows.append({"variant": variant, "approach": approach_name, "contrastive": contrastive,
+                         "init": "ImageNet" if init == "imagenet" else "random", "metrics": metrics["metrics"],
+                         "n": metrics.get("n"), "wall_s": summary.get("wall_s", float("nan"))})
+            files = write_table(rows, out, args.backbone, split, rows[0].get("n"))
+        status = "FINISHED"
+    finally:
+        wall = time.time() - t0
+        state["last_wall_s"] = wall
+        state_path.write_text(json.dumps(state, indent=2))
+        if rows:
+            _close_parent(uri, parent, rows, files, split, status,
+                          {"datalist": datalist, "backbone": args.backbone, "variants": ",".join(variants),
+                           "split": split, **{k: v for k, v in overrides.items() if k not in ("datalist", "tracking_uri")}})
+    print("\n" + (out / "table.md").read_text())
+    print(f"ablation wall time this invocation: {wall:.0f} s; sum of variant wall times: "
+          f"{sum(r['wall_s'] for r in rows):.0f} s")
+    print(f"files: {out}/table.md, table.csv, table.png; MLflow: mlflow ui --backend-store-uri {uri}")
+    return 0
+
+
+def _finished(summary_path: Path, split: str) -> bool:
+    if not summary_path.is_file():
+        return False
+    try:
+        summary = json.loads(summary_path.read_text())
+    except ValueError:
+        return False
+    return f"{split}_auc" in summary.get("metrics", {})
+
+
+def _open_parent(uri: str, experiment: str, run_id: str | None, name: str) -> str | None:
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        if run_id:
+            try:
+                client.update_run(run_id, status="RUNNING")
+                return run_id
+            except Exception:
+                pass
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        return client.create_run(exp_id, run_name=f"ablation:{name}").info.run_id
+    except Exception as e:
+        print(f"warning: MLflow parent run not opened ({e}); variants log as top-level runs", file=sys.stderr)
+        return None
+
+
+def _close_parent(uri: str, run_id: str | None, rows: list[dict[str, Any]], files: list[Path], split: str,
+                  status: str, params: dict[str, Any]) -> None:
+    if not run_id:
+        return
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        run = client.get_run(run_id)
+        ts = int(time.time() * 1000)
+        mets = []
+        for r in rows:
+            for k, _ in METRICS:
+                if k in r["metrics"]:
+                    for s, key in (("", "value"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high")):
+                        mets.append(mlflow.entities.Metric(f"{r['variant']}.{split}_{k}{s}", float(r["metrics"][k][key]), ts, 0))
+        ps = [mlflow.entities.Param(k, str(v)[:500]) for k, v in params.items() if k not in run.data.params]
+        client.log_batch(run_id, metrics=mets, params=ps, tags=[])
+        for f in files:
+            client.log_artifact(run_id, str(f))
+        client.set_terminated(run_id, status)
+    except Exception as e:
+        print(f"warning: MLflow parent run not finished ({e}); the table files are in the output dir", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
