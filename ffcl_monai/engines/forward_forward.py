@@ -170,6 +170,7 @@ def create_ff_trainer(
     threshold: float = 2.0,
     negatives: str = "wrong_label",
     skip_first: bool = False,
+    hard_layers: int = 0,
     image_shape: Sequence[int] | None = None,
     max_shift: int = 0,
     lr_schedule: str = "constant",
@@ -188,6 +189,8 @@ def create_ff_trainer(
         threshold: ``theta``.
         negatives: ``"wrong_label"``, ``"hard"`` or ``"other_sample"``.
         skip_first: skip the first layer when scoring labels for hard negatives (as in prediction).
+        hard_layers: score hard negatives with the first ``hard_layers`` layers only (0 = every layer trained so
+            far). ``1`` is almost free: the factorised first layer gives all ``m`` labels for the price of one.
         image_shape: ``(H, W)`` of the flattened images, needed for ``max_shift``.
         max_shift: random translation augmentation in pixels (0 = off).
         lr_schedule: ``"constant"`` or ``"cosine"`` (annealed to 0 over the run; per layer for greedy). Needs
@@ -241,7 +244,8 @@ def create_ff_trainer(
                     y_neg = wrong_labels(y, m)
                 else:  # hard: the current net's most "good" wrong label
                     with torch.no_grad():
-                        g_all = net.goodness_all_labels(x, upto=top)
+                        upto = top if hard_layers <= 0 else min(hard_layers - 1, top)
+                        g_all = net.goodness_all_labels(x, upto=upto)
                         y_neg = hard_labels(net.score(g_all, skip_first), y)
                 xs = x
                 codes = torch.stack([eye[y], eye[y_neg]], 1)  # (B, 2, m)
