@@ -73,6 +73,12 @@ def _overlays_for(datalist: str) -> list[str]:
     return ["3d.yaml"] if int(header.get("spatial_dims", 2)) == 3 else []
 
 
+def _class_names(datalist: str) -> list[str] | None:
+    from ffcl_monai.data.datalist import class_names_from_header, read_header
+
+    return class_names_from_header(read_header(datalist))
+
+
 def _has_split(datalist: str, split: str) -> bool:
     items = json.loads(Path(datalist).read_text()).get(split)
     return isinstance(items, list) and len(items) > 0
@@ -176,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     uri = check_tracking(tracking_uri(out))
     overrides: dict[str, Any] = {"datalist": datalist, "backbone": args.backbone, "tracking_uri": uri,
                                  "experiment_name": args.experiment_name, "overlays": overlays}
+    names = _class_names(datalist)
+    if names:
+        overrides["class_names"] = names
     if args.image_size:
         overrides["image_size"] = [args.image_size] * (3 if overlays else 2)
     for key, flag in [("local_epochs", args.local_epochs), ("global_epochs", args.global_epochs),
@@ -206,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"\n######## ablation variant {variant}: stages={stages}, init={init} ########", flush=True)
                 init_value = "random" if init == "random" else f"imagenet:{os.path.abspath(args.imagenet_weights)}"
                 run_step(
-                    ["common.yaml", *overlays, "ffcl.yaml"],
+                    ["common.yaml", "ffcl.yaml"],
                     {**overrides, "output_dir": str(vdir), "stages": stages, "init": init_value,
                      "mlflow_parent_run_id": parent, "run_name": variant},
                 )

@@ -15,8 +15,9 @@ Entry point: ``bundle/configs/ffcl.yaml``'s ``run`` calls :func:`main`. With ``f
 5. ``evaluate.yaml`` once per split in ``eval_splits`` present in the datalist (``test`` -> ``output_dir``, others ->
    ``output_dir/<split>``), with bootstrap 95% CIs.
 
-Keys given on the command line (or changed by an overlay) are passed on to every step: the pipeline compares the
-running config with ``common.yaml`` + overlays and forwards every top-level key that differs.
+Keys given on the command line are passed on to every step: the pipeline compares the running config with
+``common.yaml`` and forwards every top-level key that differs. ``overlays`` (default: ``3d.yaml`` for a 3D datalist)
+are added after the workflow file of every step.
 
 Resume: ``pipeline_state.json`` in ``output_dir`` records finished steps; a rerun skips them and reuses the parent run.
 """
@@ -219,7 +220,8 @@ def run_pipeline(parser: Any) -> dict[str, Any]:
     uri = get("tracking_uri")
     experiment = get("experiment_name")
     datalist = get("datalist")
-    base = ConfigParser.load_config_files([str(configs_dir() / n) for n in ["common.yaml", *overlays]])
+    # Compare with common.yaml alone: the entry run never loads the overlays, so whatever differs was set by the user.
+    base = ConfigParser.load_config_files([str(configs_dir() / "common.yaml")])
     forward = forwarded_overrides(parser.get(), base)
     state = _read_state(out)
     done: dict[str, Any] = state.setdefault("done", {})
@@ -229,8 +231,10 @@ def run_pipeline(parser: Any) -> dict[str, Any]:
     _write_state(out, state)
     common = {"tracking_uri": uri, "mlflow_parent_run_id": parent, **forward}
     params = {
-        "stages": ",".join(stages) or "none (RBP)", "init": init, "backbone": get("backbone"),
-        "spatial_dims": get("spatial_dims"), "image_size": get("image_size"), "datalist": datalist,
+        "stages": ",".join(stages) or "none (RBP)", "init": init, "overlays": ",".join(overlays) or "none",
+        "backbone": forward.get("backbone", get("backbone") if not overlays else "overlay default"),
+        "image_size": forward.get("image_size", get("image_size") if not overlays else "overlay default"),
+        "datalist": datalist,
         "local_epochs": get("local_epochs") if "local" in stages else 0,
         "global_epochs": get("global_epochs") if "global" in stages else 0,
         "max_epochs": get("max_epochs"), "pair_mode": get("pair_mode"), "averaging": get("averaging"),
