@@ -3,13 +3,14 @@
 #
 #   monailabel_app/start_server.sh STUDIES_DIR [PORT] [extra monailabel start_server args...]
 #
-# e.g. monailabel_app/start_server.sh bundle/sample/images 8000 --conf models xray --conf model_path runs/x/models/model.pt
+# e.g. LABEL_MODEL=runs/x/models/model.pt monailabel_app/start_server.sh /tmp/kermany_studies 8000
 #
 # Defaults, and why:
 #   - binds 127.0.0.1 (MONAI Label's own default is 0.0.0.0, i.e. every interface, with auth off); set
 #     LABEL_HOST=0.0.0.0 only on a trusted network,
 #   - port 8000 (or $LABEL_PORT),
-#   - --conf models xray unless the extra args name models,
+#   - --conf models xray unless the extra args name models ($LABEL_MODELS sets it too, e.g. xray,volume3d),
+#   - the checkpoint: --conf model_path $LABEL_MODEL when that is set (e.g. runs/x/models/model.pt),
 #   - datastore patterns that include .jpeg and .dcm (the app adds them too),
 #   - no model-zoo look-ups: the app never consults the zoo; BUNDLE_DOWNLOAD_SRC is set to a non-default source
 #     anyway, so that nothing in monailabel fetches the zoo index from GitHub,
@@ -21,7 +22,7 @@ ROOT="$(cd "$HERE/.." && pwd)"
 VENV="${LABEL_VENV:-$ROOT/.label-venv}"
 
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
-    sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit $([[ $# -lt 1 ]] && echo 2 || echo 0)
 fi
 STUDIES="$1"; shift
@@ -40,7 +41,14 @@ fi
 
 EXTRA=("$@")
 if [[ " ${EXTRA[*]-} " != *" models "* ]]; then
-    EXTRA+=(--conf models xray)
+    EXTRA+=(--conf models "${LABEL_MODELS:-xray}")
+fi
+if [[ -n "${LABEL_MODEL:-}" && " ${EXTRA[*]} " != *" model_path "* ]]; then
+    if [[ ! -f "$LABEL_MODEL" ]]; then
+        echo "[label-server] LABEL_MODEL=$LABEL_MODEL does not exist" >&2
+        exit 1
+    fi
+    EXTRA+=(--conf model_path "$(cd "$(dirname "$LABEL_MODEL")" && pwd)/$(basename "$LABEL_MODEL")")
 fi
 
 export BUNDLE_DOWNLOAD_SRC="${BUNDLE_DOWNLOAD_SRC:-ngc}"

@@ -99,7 +99,7 @@ def parse_models(conf: Mapping[str, str], app_dir: str | os.PathLike = APP_DIR) 
     names = _split(conf.get("models", "xray"))
     if not names:
         raise ValueError("--conf models is empty; use e.g. --conf models xray or --conf models xray,volume3d")
-    unknown = [n for n in names if n not in PRESETS and not conf.get(f"{n}_overlays")]
+    unknown = [n for n in names if n not in PRESETS and f"{n}_overlays" not in conf]
     if unknown:
         raise ValueError(
             f"unknown model name(s) {unknown}; known: {sorted(PRESETS)}. A custom 2D name needs "

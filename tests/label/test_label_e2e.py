@@ -1,8 +1,8 @@
 """Issue 7 end to end: a real MONAI Label server, real HTTP, the bundle's classifier.
 
 What it does, in order:
-1. a studies folder with real Kermany JPEGs from ``bundle/sample`` (labels from its datalist), a 2D DICOM
-   (pydicom's ``CT_small.dcm``) and a small 3D NIfTI volume (nibabel's ``anatomical.nii``);
+1. a studies folder with real Kermany JPEGs from ``bundle/sample`` (labels from its datalist), one of them also as
+   PNG, a 2D DICOM (pydicom's ``CT_small.dcm``) and a small 3D NIfTI volume (nibabel's ``anatomical.nii``);
 2. deterministic random-init 2D and 3D classifier checkpoints (``{"model": state_dict}``), built from the bundle's
    ``network_def``;
 3. ``monailabel_app/start_server.sh`` on a free loopback port, with the HTTP(S) proxy pointed at a closed port so
@@ -250,6 +250,11 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[types.SimpleNa
             src = SAMPLE / d["image"]
             shutil.copy(src, studies / src.name)
             picked[src.name.rsplit(".", 1)[0]] = name
+    # one PNG (same pixels as a sample JPEG, another id) for the PNG path
+    from PIL import Image
+
+    png_id = f"{sorted(picked)[0]}_png"
+    Image.open(studies / f"{sorted(picked)[0]}.jpeg").save(studies / f"{png_id}.png")
     dicom = Path(pydicom.data.get_testdata_file("CT_small.dcm"))
     shutil.copy(dicom, studies / "CT_small.dcm")
     volume = Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii"
@@ -263,7 +268,9 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[types.SimpleNa
 
     port = free_port()
     conf = [
-        "--conf", "models", "xray,volume3d",
+        # `untrained`: a 2D model whose checkpoint does not exist, which must refuse rather than serve random weights
+        "--conf", "models", "xray,volume3d,untrained",
+        "--conf", "untrained_overlays", "",
         "--conf", "model_path", str(ckpt / "model_2d.pt"),
         "--conf", "volume3d_model_path", str(ckpt / "model_3d.pt"),
         "--conf", "model_dir", str(work / "model"),
@@ -271,13 +278,13 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[types.SimpleNa
     server = Server(studies, port, conf, work)
     try:
         # the reference runs while the server starts
-        images_2d = sorted(studies.glob("*.jpeg")) + [studies / "CT_small.dcm"]
+        images_2d = sorted(studies.glob("*.jpeg")) + [studies / f"{png_id}.png", studies / "CT_small.dcm"]
         ref_2d = bundle_inference(images_2d, ckpt / "model_2d.pt", work / "ref_2d", [])
         ref_3d = bundle_inference([studies / "anatomical.nii"], ckpt / "model_3d.pt", work / "ref_3d", [overlay_3d])
         info = server.wait_ready(STARTUP_TIMEOUT_S)
         yield types.SimpleNamespace(
             work=work, studies=studies, server=server, info=info, labels=picked, names=names,
-            ref={**ref_2d, **ref_3d}, ckpt=ckpt,
+            ref={**ref_2d, **ref_3d}, ckpt=ckpt, png_id=png_id,
         )
     finally:
         if server.proc.poll() is None:
@@ -308,7 +315,7 @@ def check_prediction(session: types.SimpleNamespace, res: dict, file_name: str) 
 def test_info_lists_models_and_studies(session: types.SimpleNamespace) -> None:
     info = session.info
     models = info["models"]
-    assert set(models) == {"xray", "volume3d"}
+    assert set(models) == {"xray", "volume3d", "untrained"}
     expected_labels = {n: i for i, n in enumerate(session.names)}
     for name, dim in (("xray", 2), ("volume3d", 3)):
         assert models[name]["type"] == "classification"
@@ -316,20 +323,27 @@ def test_info_lists_models_and_studies(session: types.SimpleNamespace) -> None:
         assert models[name]["dimension"] == dim
     assert "xray" in info["trainers"]
     # .jpeg, .dcm and .nii studies are all recognised
-    assert info["datastore"]["total"] == 2 * N_PER_CLASS + 2, info["datastore"]
+    assert info["datastore"]["total"] == 2 * N_PER_CLASS + 3, info["datastore"]
     status, ds = http("GET", f"{session.server.url}/datastore/?output=all")
     assert status == 200
-    assert set(ds["objects"]) == {"CT_small", "anatomical", *session.labels}, ds["objects"].keys()
+    assert set(ds["objects"]) == {"CT_small", "anatomical", session.png_id, *session.labels}, ds["objects"].keys()
 
 
-def test_infer_2d_jpeg_and_dicom_match_bundle(session: types.SimpleNamespace) -> None:
+def test_infer_2d_jpeg_png_dicom_match_bundle(session: types.SimpleNamespace) -> None:
     for image_id in sorted(session.labels):
         check_prediction(session, infer(session, "xray", image_id), f"{image_id}.jpeg")
+    check_prediction(session, infer(session, "xray", session.png_id), f"{session.png_id}.png")
     check_prediction(session, infer(session, "xray", "CT_small"), "CT_small.dcm")
 
 
 def test_infer_3d_nifti_matches_bundle(session: types.SimpleNamespace) -> None:
     check_prediction(session, infer(session, "volume3d", "anatomical"), "anatomical.nii")
+
+
+def test_model_without_checkpoint_refuses(session: types.SimpleNamespace) -> None:
+    status, res = http("POST", f"{session.server.url}/infer/untrained?image={sorted(session.labels)[0]}", data=b"")
+    assert status == 503, (status, res)
+    assert "no checkpoint" in res["detail"]
 
 
 def test_unknown_image_is_an_error(session: types.SimpleNamespace) -> None:

@@ -24,9 +24,9 @@ from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
 import torch
+from fastapi import HTTPException
 from monai.bundle import ConfigParser
 from monai.transforms import SaveClassificationd, SaveImaged
-from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
@@ -72,7 +72,8 @@ class ClassifierInferTask(BundleInferTask):
         self.class_names = class_names(metadata)
 
         network = self.bundle_config.get_parsed_content(self.const.key_network_def(), instantiate=True)
-        super(BundleInferTask, self).__init__(  # BasicInferTask.__init__
+        BasicInferTask.__init__(
+            self,
             path=[str(p) for p in spec.checkpoints()],  # last existing one wins (trained > initial)
             network=network,
             type=InferType.CLASSIFICATION,
@@ -115,10 +116,12 @@ class ClassifierInferTask(BundleInferTask):
 
     def _get_network(self, device: Any, data: Any) -> torch.nn.Module:
         if self.get_path() is None:
-            # BasicInferTask would fall back to the freshly initialised network_def: refuse instead
-            raise MONAILabelException(
-                MONAILabelError.INFERENCE_ERROR,
-                f"model {self.spec.name!r} has no checkpoint: none of {[str(p) for p in self.spec.checkpoints()]} "
+            # BasicInferTask would fall back to the freshly initialised network_def: refuse instead. An HTTPException
+            # (not MONAILabelException, which the server turns into a bare "Internal Server Error") gives the client
+            # the reason as {"detail": ...}.
+            raise HTTPException(
+                status_code=503,
+                detail=f"model {self.spec.name!r} has no checkpoint: none of {[str(p) for p in self.spec.checkpoints()]} "
                 "exists. Start the server with --conf model_path <run>/models/model.pt or train it first.",
             )
         return super()._get_network(device, data)
@@ -133,15 +136,15 @@ class ClassifierInferTask(BundleInferTask):
         scores = pred.detach().cpu().numpy() if torch.is_tensor(pred) else np.asarray(pred)
         scores = scores.astype(np.float64).reshape(-1)
         if scores.size != len(self.class_names):
-            raise MONAILabelException(
-                MONAILabelError.INFERENCE_ERROR,
-                f"model {self.spec.name!r}: prediction has {scores.size} values but metadata.json channel_def names "
+            raise HTTPException(
+                status_code=500,
+                detail=f"model {self.spec.name!r}: prediction has {scores.size} values but metadata.json channel_def names "
                 f"{len(self.class_names)} classes",
             )
         if not np.all(np.isfinite(scores)) or scores.min() < -PROB_TOL or scores.max() > 1 + PROB_TOL:
-            raise MONAILabelException(
-                MONAILabelError.INFERENCE_ERROR,
-                f"model {self.spec.name!r}: prediction {scores.tolist()} is not a probability vector; the bundle's "
+            raise HTTPException(
+                status_code=500,
+                detail=f"model {self.spec.name!r}: prediction {scores.tolist()} is not a probability vector; the bundle's "
                 "postprocessing must end with a softmax or sigmoid (Activationsd)",
             )
         prediction = [
