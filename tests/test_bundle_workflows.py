@@ -1,0 +1,147 @@
+"""The bundle's train, evaluate and inference workflows, through the real CLI and in-process, 2D and 3D."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from conftest import CONFIGS, FAST, bundle_cli, cfg, overrides_cli, run_bundle
+
+
+def _workflow(workflow_type: str, files: list[str], **override) -> ConfigWorkflow:
+    wf = ConfigWorkflow(
+        workflow_type=workflow_type, config_file=files, meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"), **override,
+    )
+    wf.initialize()
+    return wf
+
+
+def test_check_properties_train_and_infer(tiny2d, tmp_path):
+    train = _workflow("train", cfg("common.yaml", "train.yaml"), datalist=str(tiny2d), output_dir=str(tmp_path / "t"))
+    assert not train.check_properties()  # None or [] when every required/optional id is where MONAI expects it
+    for key in ("bundle_root", "dataset_dir", "device", "network_def", "train#trainer", "train#dataset",
+                "train#handlers", "validate#evaluator", "validate#handlers", "val_interval"):
+        assert key in train.parser, key
+    from ffcl_monai.networks.classifier import Classifier
+
+    ckpt = tmp_path / "model.pt"
+    torch.save({"model": Classifier("resnet18", 2, 2, 1).state_dict()}, ckpt)
+    infer = _workflow("infer", cfg("common.yaml", "inference.yaml"), datalist=str(tiny2d), output_dir=str(tmp_path / "i"),
+                      checkpoint=str(ckpt))
+    assert not infer.check_properties()
+    for key in ("preprocessing", "inferer", "postprocessing", "evaluator", "dataset"):
+        assert key in infer.parser, key
+
+
+def test_train_evaluate_infer_cli(tiny2d, tmp_path):
+    out = tmp_path / "run"
+    common = ["--datalist", str(tiny2d), "--output_dir", str(out), *overrides_cli({k: v for k, v in FAST.items() if k != "n_bootstrap"})]
+    r = bundle_cli(["run", "--config_file", str(cfg("common.yaml", "train.yaml")), *common])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    model = out / "models" / "model.pt"
+    assert model.is_file() and (out / "checkpoints" / "resume.pt").is_file()
+    ckpt = torch.load(model, weights_only=True)
+    assert set(ckpt) == {"model"}
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all({"train_loss", "lr", "val_auc", "val_accuracy", "val_f1"} <= set(h) for h in history)
+
+    r = bundle_cli(["run", "--config_file", str(cfg("common.yaml", "evaluate.yaml")), *common, "--n_bootstrap", "50"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 6
+    for k in ("accuracy", "f1", "precision", "recall", "auc"):
+        m = metrics["metrics"][k]
+        assert m["ci_low"] <= m["value"] <= m["ci_high"], (k, m)
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert len(rows) == 6 and {"image", "label", "predicted", "prob_NORMAL", "prob_PNEUMONIA"} <= set(rows[0])
+    probs = np.array([[float(r["prob_NORMAL"]), float(r["prob_PNEUMONIA"])] for r in rows])
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    assert (out / "roc.png").stat().st_size > 1000 and (out / "confusion_matrix.png").stat().st_size > 1000
+
+    r = bundle_cli(["run", "--config_file", str(cfg("common.yaml", "inference.yaml")), *common,
+                    "--checkpoint", str(model), "--output_dir", str(out / "infer")])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    inferred = json.loads((out / "infer" / "inference.json").read_text())
+    assert len(inferred) == 6
+    # inference and evaluation see the same test images through the same network: same probabilities
+    by_name = {Path(r["image"]).name: float(r["prob_PNEUMONIA"]) for r in rows}
+    for item in inferred:
+        assert abs(item["PNEUMONIA"] - by_name[Path(item["image"]).name]) < 1e-4
+
+    # MLflow: params, per-epoch curves, validation metrics, test metrics with CIs and artifacts are in the store
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("ffcl_monai")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    train_run, eval_run = runs["train:run"], runs["evaluate:run"]
+    assert train_run.data.params["backbone"] == "resnet10" and train_run.data.params["learning_rate"] == "0.001"
+    assert len(client.get_metric_history(train_run.info.run_id, "val_auc")) == 2
+    assert len(client.get_metric_history(train_run.info.run_id, "train_loss_epoch")) == 2
+    assert client.get_metric_history(train_run.info.run_id, "lr_group_0")
+    assert client.get_metric_history(train_run.info.run_id, "train_loss")
+    arts = {a.path for a in client.list_artifacts(train_run.info.run_id)}
+    assert {"config_resolved.json", "dataset_summary.json", "training_curves.png", "history.jsonl"} <= arts
+    for k in ("accuracy", "f1", "precision", "recall", "auc"):
+        assert f"test_{k}" in eval_run.data.metrics and f"test_{k}_ci_low" in eval_run.data.metrics
+    arts = {a.path for a in client.list_artifacts(eval_run.info.run_id)}
+    assert {"metrics.json", "predictions.csv", "roc.png", "confusion_matrix.png", "dataset_summary.json"} <= arts
+    summary = json.loads((out / "dataset_summary.json").read_text())
+    assert summary["training"]["total"] == 12 and "patient" not in json.dumps(summary)
+
+    # MONAI's own bundle tools work on the trained checkpoint
+    r = bundle_cli(["verify_net_in_out", "network_def", "--meta_file", str(CONFIGS / "metadata.json"),
+                    "--config_file", str(CONFIGS / "common.yaml")])
+    assert r.returncode == 0 and "verified" in (r.stdout + r.stderr), r.stderr[-2000:]
+    ts = tmp_path / "model.ts"
+    r = bundle_cli(["ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(model), "--key_in_ckpt", "model",
+                    "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", str(CONFIGS / "common.yaml"),
+                    "--backbone", "resnet10"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    scripted = torch.jit.load(str(ts))
+    assert scripted(torch.rand(1, 1, 32, 32)).shape == (1, 2)
+
+
+def test_3d_train_and_evaluate(tiny3d, tmp_path):
+    out = tmp_path / "r3d"
+    o = dict(datalist=str(tiny3d), output_dir=str(out), image_size=[16, 16, 16], batch_size=4, max_epochs=1,
+             class_names=["absent", "present"])
+    run_bundle(cfg("common.yaml", "train.yaml", "3d.yaml"), **o)
+    run_bundle(cfg("common.yaml", "evaluate.yaml", "3d.yaml"), n_bootstrap=20, **o)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 4 and 0 <= metrics["metrics"]["auc"]["value"] <= 1
+    state = torch.load(out / "models" / "model.pt", weights_only=True)["model"]
+    assert state["backbone.blocks.0.conv1.weight"].ndim == 5  # 3D convolutions
+
+
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+def test_multiclass_and_multilabel(tmp_path, task):
+    from conftest import make_2d, write_datalist
+
+    root = tmp_path / "data"
+    base = json.loads(make_2d(root, counts=(9, 6, 6)).read_text())
+    for split in ("training", "validation", "test"):
+        for i, e in enumerate(base[split]):
+            if task == "multiclass":
+                e["label"] = i % 3
+            else:  # 3 labels, one uncertain (-1 = ignored by loss and metrics)
+                e["label"] = [i % 2, (i + 1) % 2, -1 if i % 3 == 0 else 1]
+    names = ["a", "b", "c"]
+    datalist = write_datalist(root, {s: base[s] for s in ("training", "validation", "test")}, task=task,
+                              num_classes=3, labels={str(i): n for i, n in enumerate(names)})
+    out = tmp_path / "run"
+    o = dict(datalist=str(datalist), output_dir=str(out), task=task, num_classes=3, class_names=names,
+             image_size=[32, 32], backbone="resnet10", batch_size=6, max_epochs=1)
+    run_bundle(cfg("common.yaml", "train.yaml"), **o)
+    run_bundle(cfg("common.yaml", "evaluate.yaml"), n_bootstrap=20, **o)
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert {"auc_a", "auc_b", "auc_c", "accuracy", "f1"} <= set(metrics)
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert len(rows) == 6

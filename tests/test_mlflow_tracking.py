@@ -1,0 +1,61 @@
+"""MLflow: default SQLite store, fail fast on an unreachable server, warn-and-continue on mid-run failures."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from ffcl_monai.handlers.mlflow_tracking import SafeMLFlowHandler, check_tracking, log_report, tracking_uri
+
+
+def test_default_store_is_sqlite_under_output_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlruns.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert tracking_uri(tmp_path) == "http://127.0.0.1:1"
+
+
+def test_unreachable_server_fails_at_start_with_a_clear_message(monkeypatch):
+    with socket.socket() as s:  # a free port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match=rf"cannot reach the MLflow tracking store 'http://127.0.0.1:{port}'"):
+        check_tracking(f"http://127.0.0.1:{port}", timeout_s=3)
+    assert time.time() - t0 < 60
+    with pytest.raises(ValueError, match="file store"):
+        check_tracking("/some/dir")
+
+
+def test_logging_failure_mid_run_warns_and_continues(tmp_path):
+    handler = SafeMLFlowHandler(tracking_uri=f"sqlite:///{tmp_path}/mlruns.db", experiment_name="e")
+
+    class Broken:
+        def log_batch(self, *a, **k):
+            raise ConnectionError("server went away")
+
+    handler.cur_run = type("R", (), {"info": type("I", (), {"run_id": "x"})()})()
+    handler.client = Broken()
+    with pytest.warns(UserWarning, match="training continues"):
+        handler._log_metrics({"loss": 1.0}, step=1)
+    with pytest.warns(UserWarning, match="training continues"):
+        handler._log_params({"lr": 0.1})
+
+
+def test_log_report_creates_child_run(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    parent = log_report(uri, "exp", "parent", params={"a": 1})
+    child = log_report(uri, "exp", "child", metrics={"auc": 0.9}, parent_run_id=parent,
+                       artifacts=[str(_file(tmp_path / "m.json"))])
+    run = mlflow.MlflowClient(uri).get_run(child)
+    assert run.data.tags["mlflow.parentRunId"] == parent and run.data.metrics["auc"] == 0.9
+    assert [a.path for a in mlflow.MlflowClient(uri).list_artifacts(child)] == ["m.json"]
+
+
+def _file(p):
+    p.write_text("{}")
+    return p
