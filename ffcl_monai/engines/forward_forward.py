@@ -27,8 +27,12 @@ the goodness plot.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -282,7 +286,7 @@ def create_ff_trainer(
             "g_neg": torch.stack(gn),
         }
 
-    engine = Engine(step)
+    engine = Engine(_timed(step))
     _attach_epoch_metrics(engine, n_layers)
 
     if lr_schedule == "cosine":
@@ -307,6 +311,40 @@ def create_ff_trainer(
     return engine
 
 
+def _timed(step: Callable[[Engine, Any], Any]) -> Callable[[Engine, Any], Any]:
+    """Wrap a process function to add its own duration to ``engine.state.train_step_s`` (training time without
+    validation, logging or plotting handlers)."""
+
+    def run(engine: Engine, batch: Any) -> Any:
+        t0 = time.perf_counter()
+        out = step(engine, batch)
+        if isinstance(out, dict) and out["loss"].is_cuda:
+            torch.cuda.synchronize()  # honest step times on GPUs (queued kernels)
+        engine.state.train_step_s = getattr(engine.state, "train_step_s", 0.0) + time.perf_counter() - t0
+        return out
+
+    return run
+
+
+def _attach_timer_metrics(engine: Engine) -> None:
+    """``train_time_s`` (cumulative seconds inside training steps) in ``state.metrics`` each epoch; printed at the end."""
+
+    @engine.on(Events.STARTED)
+    def _start(engine: Engine) -> None:
+        engine.state.train_step_s = 0.0
+        engine.state.train_wall_t0 = time.perf_counter()
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def _epoch(engine: Engine) -> None:
+        engine.state.metrics["train_time_s"] = engine.state.train_step_s
+
+    @engine.on(Events.COMPLETED)
+    def _done(engine: Engine) -> None:
+        wall = time.perf_counter() - engine.state.train_wall_t0
+        print(f"training: {engine.state.train_step_s:.1f} s in training steps, {wall:.1f} s wall with handlers "
+              f"({engine.state.epoch} epochs)", flush=True)
+
+
 def _input_of(net: FFNet, x: torch.Tensor, codes: torch.Tensor, layer: int) -> torch.Tensor:
     """Input of ``net.layers[layer]`` (``layer >= 1``) computed without gradients (frozen lower layers)."""
     with torch.no_grad():
@@ -321,6 +359,7 @@ def _attach_epoch_metrics(engine: Engine, n_layers: int) -> None:
 
     Registered when the engine is created, i.e. before any MLflow/Stats handler, so those see the new values.
     """
+    _attach_timer_metrics(engine)
 
     @engine.on(Events.STARTED)
     def _history(engine: Engine) -> None:
@@ -465,4 +504,143 @@ def create_backprop_trainer(
         optimizer.step()
         return {"loss": loss.detach()}
 
-    return Engine(step)
+    engine = Engine(_timed(step))
+    _attach_timer_metrics(engine)
+    return engine
+
+
+# ------------------------------------------------------------------------------------------- bundle wiring helpers
+def build_network(
+    method: str,
+    in_features: int,
+    num_classes: int,
+    hidden: Sequence[int] = (500, 500),
+    embedding: str = "overlay",
+    label_scale: float = 1.0,
+    norm: str = "rms",
+    goodness: str = "sum",
+    skip_first: bool = False,
+    task: str = "multiclass",
+) -> nn.Module:
+    """The ``ff`` workflow's network: an :class:`FFNet` (``method: ff``) or the backprop :class:`MLP` baseline of
+    the same widths (``method: backprop``)."""
+    if task == "multilabel":
+        raise ValueError("the ff workflow supports single-label tasks (binary, multiclass); `task` is multilabel.")
+    if method == "ff":
+        return FFNet(in_features, num_classes, hidden, embedding, label_scale, norm, goodness, skip_first=skip_first)
+    if method == "backprop":
+        return MLP(in_features, num_classes, hidden)
+    raise ValueError(f"unknown `method` {method!r}; use ff or backprop.")
+
+
+def create_trainer(method: str, network: nn.Module, optimizer: torch.optim.Optimizer, **ff_kwargs: Any) -> Engine:
+    """:func:`create_ff_trainer` for ``method: ff``, :func:`create_backprop_trainer` (same batches, augmentation and
+    ``amp``) for ``method: backprop``."""
+    if method == "ff":
+        return create_ff_trainer(network, optimizer, **ff_kwargs)  # type: ignore[arg-type]
+    keep = {k: ff_kwargs[k] for k in ("image_shape", "max_shift", "amp") if k in ff_kwargs}
+    return create_backprop_trainer(network, optimizer, **keep)
+
+
+def max_epochs_for(method: str, schedule: str, epochs: int, n_layers: int) -> int:
+    """Engine epochs: ``epochs`` per layer for greedy FF, ``epochs`` otherwise."""
+    return epochs * n_layers if method == "ff" and schedule == "greedy" else epochs
+
+
+def ff_splits(
+    datalist: str,
+    num_classes: int,
+    task: str,
+    val_source: str = "auto",
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> dict[str, list[dict]]:
+    """Training and model-selection items; the test split is never touched here.
+
+    ``val_source`` (config key):
+        - ``datalist``: the datalist's ``validation`` split (data_prep carves it from the training pool),
+        - ``carve``: a seeded, stratified ``val_fraction`` of the training split,
+        - ``auto``: ``datalist`` when that split is non-empty, else ``carve``,
+        - ``none``: no model selection: train on all training items for a fixed number of epochs.
+    """
+    from ffcl_monai.data.datalist import load_datalist
+
+    train = load_datalist(datalist, "training", num_classes, task)
+    if val_source not in ("auto", "datalist", "carve", "none"):
+        raise ValueError(f"unknown `val_source` {val_source!r}; use auto, datalist, carve or none.")
+    if val_source == "none":
+        return {"training": train, "validation": []}
+    if val_source in ("auto", "datalist"):
+        content = json.loads(Path(datalist).read_text())
+        if content.get("validation"):
+            return {"training": train, "validation": load_datalist(datalist, "validation", num_classes, task)}
+        if val_source == "datalist":
+            raise ValueError(f"datalist {datalist} has no validation split; set `val_source: carve` (or auto).")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"`val_fraction` must be in (0, 1) to carve a validation split, got {val_fraction}.")
+    from sklearn.model_selection import train_test_split
+
+    labels = [int(d["label"]) for d in train]
+    tr, va = train_test_split(list(range(len(train))), test_size=val_fraction, stratify=labels, random_state=seed)
+    return {"training": [train[i] for i in sorted(tr)], "validation": [train[i] for i in sorted(va)]}
+
+
+def dataset_tensors(dataset: Any, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack a (cached) MONAI dataset of ``{"image", "label"}`` dicts into ``(N, D)`` float images and ``(N,)``
+    labels on ``device``, once, so that every FF epoch is pure tensor work."""
+    if len(dataset) == 0:
+        raise ValueError("empty dataset: no images to train or evaluate on (check the datalist split).")
+    xs, ys = [], []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        xs.append(torch.as_tensor(item["image"]).float().reshape(-1))
+        ys.append(torch.as_tensor(item["label"]).long().reshape(()))
+    return torch.stack(xs).to(device), torch.stack(ys).to(device)
+
+
+def attach_handlers(engine: Engine, handlers: Sequence[Any]) -> Engine:
+    """Attach handlers (anything with ``attach(engine)``) in order; ``None`` entries (disabled) are skipped."""
+    for h in handlers:
+        if h is not None:
+            h.attach(engine)
+    return engine
+
+
+def finish_training(network: nn.Module, ckpt_path: str, use_best: bool) -> nn.Module:
+    """After training: load the best-on-validation checkpoint (``use_best``) or save the final weights there."""
+    path = Path(ckpt_path)
+    if use_best and path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        network.load_state_dict(state.get("model", state))
+        print(f"loaded the best-on-validation weights from {path}", flush=True)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"model": network.state_dict()}, tmp)
+        os.replace(tmp, path)
+    return network
+
+
+def eval_network(
+    prediction: str,
+    network: nn.Module,
+    tensors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    epochs: int = 30,
+    lr: float = 1e-2,
+    skip_first: bool = False,
+    ckpt_dir: str | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """The module that scores test images: the FF net itself (``prediction: goodness``), a linear read-out trained
+    on its frozen neutral-label activations (``prediction: linear``), or the MLP baseline unchanged."""
+    if not isinstance(network, FFNet) or prediction == "goodness":
+        return network
+    if prediction != "linear":
+        raise ValueError(f"unknown `prediction` {prediction!r}; use goodness or linear.")
+    if tensors is None:
+        raise ValueError("`prediction: linear` needs the training tensors to fit the read-out.")
+    readout = train_linear_readout(network, tensors[0], tensors[1], epochs=epochs, lr=lr, skip_first=skip_first, seed=seed)
+    if ckpt_dir:
+        Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+        torch.save({"model": readout.head.state_dict()}, Path(ckpt_dir) / "readout.pt")
+    return readout

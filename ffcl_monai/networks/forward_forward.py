@@ -83,9 +83,12 @@ class FFNet(nn.Module):
         norm: input normalisation of every layer, ``"l2"`` or ``"rms"`` (see :class:`FFDense`).
         goodness: ``"mean"`` or ``"sum"`` of squared activations.
         eps: length epsilon.
+        skip_first: default for :meth:`forward`: leave the first layer out of the label score (Hinton 2022 s.3.3).
 
     ``forward(x)`` returns the goodness of every candidate label summed over the layers, ``(B, m)``, so that
-    ``argmax`` is the FF prediction and the bundle's inferer/post-processing work unchanged.
+    ``argmax`` is the FF prediction and the bundle's inferer/post-processing work unchanged. With
+    ``goodness: sum`` it is divided by the number of units summed (a constant, so the argmax is unchanged) to keep
+    ``softmax(scores)`` away from exact 0/1 ties, which would blunt the AUC.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class FFNet(nn.Module):
         norm: str = "l2",
         goodness: str = "mean",
         eps: float = 1e-4,
+        skip_first: bool = False,
     ) -> None:
         super().__init__()
         if embedding not in _EMBEDDINGS:
@@ -113,6 +117,7 @@ class FFNet(nn.Module):
         self.embedding = embedding
         self.label_scale = float(label_scale)
         self.goodness_reduction = goodness
+        self.skip_first = bool(skip_first)
         d_in = self.in_features + (self.num_classes if embedding == "concat" else 0)
         widths = [d_in, *[int(h) for h in hidden]]
         self.layers = nn.ModuleList(FFDense(a, b, norm=norm, eps=eps) for a, b in zip(widths[:-1], widths[1:]))
@@ -217,20 +222,29 @@ class FFNet(nn.Module):
             g = g[..., 1:]
         return g.sum(-1)
 
-    def forward(self, x: torch.Tensor, skip_first: bool = False) -> torch.Tensor:
-        """Goodness score of every candidate label, ``(B, m)``: the argmax is the FF prediction (Hinton 2022 s.3.3)."""
+    def forward(self, x: torch.Tensor, skip_first: bool | None = None) -> torch.Tensor:
+        """Goodness score of every candidate label, ``(B, m)``: the argmax is the FF prediction (Hinton 2022 s.3.3).
+
+        Images of any shape ``(B, ...)`` are flattened. ``skip_first=None`` uses the constructor's setting.
+        """
         if x.dim() > 2:
             x = x.flatten(1)
-        return self.score(self.goodness_all_labels(x), skip_first)
+        skip = self.skip_first if skip_first is None else skip_first
+        score = self.score(self.goodness_all_labels(x), skip)
+        if self.goodness_reduction == "sum":
+            widths = [layer.linear.out_features for layer in self.layers]
+            score = score / sum(widths[1:] if skip and len(widths) > 1 else widths)
+        return score
 
     @torch.no_grad()
-    def predict_goodness(self, x: torch.Tensor, skip_first: bool = False) -> torch.Tensor:
+    def predict_goodness(self, x: torch.Tensor, skip_first: bool | None = None) -> torch.Tensor:
         """FF prediction: argmax over labels of the summed goodness, all labels batched. Returns ``(B,)`` labels."""
         return self.forward(x, skip_first).argmax(-1)
 
     @torch.no_grad()
-    def predict_label_loop(self, x: torch.Tensor, skip_first: bool = False) -> torch.Tensor:
+    def predict_label_loop(self, x: torch.Tensor, skip_first: bool | None = None) -> torch.Tensor:
         """Reference implementation that loops over labels (mpezeshki ``predict``); for tests and the bench only."""
+        skip_first = self.skip_first if skip_first is None else skip_first
         scores = []
         for label in range(self.num_classes):
             y = torch.full((x.shape[0],), label, dtype=torch.long, device=x.device)
