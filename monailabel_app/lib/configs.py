@@ -1,6 +1,6 @@
 """Merging a workflow's config files the way ``python -m monai.bundle run`` does, with one tolerance.
 
-A modality overlay such as ``3d.yaml`` may set nested ids of another workflow (``train#augmentations``). Merged onto
+A modality overlay may set nested ids of another workflow (e.g. ``train#augmentations``). Merged onto
 ``inference.yaml``, which has no ``train`` section, MONAI raises ``KeyError: query key: train``. The server only
 needs the inference (or train) part, so a nested id whose parent section is absent is skipped with a log line;
 everything else merges exactly as MONAI merges (later file wins per key, ``+key`` appends/updates).

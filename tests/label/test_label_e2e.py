@@ -95,9 +95,9 @@ def multipart(fields: dict[str, tuple[str | None, bytes, str]]) -> tuple[bytes, 
 def inference_overlay(overlay: Path, out_dir: Path) -> Path:
     """The 3D overlay restricted to keys that make sense for the inference workflow.
 
-    ``3d.yaml`` also sets ``train#augmentations``; merged onto ``inference.yaml`` (no ``train`` section) MONAI raises
-    ``KeyError: query key: train``. Nested keys whose top-level section is absent are dropped (the server's config
-    merge does the same); when the overlay has none, this is a plain copy.
+    An overlay key nested in another workflow's section (``train#...``) makes ``monai.bundle run`` of
+    ``inference.yaml`` fail with ``KeyError: query key: train``. Such keys are dropped, as the server's config merge
+    does; the current ``3d.yaml`` has none, so this is a plain copy.
     """
     import yaml
 
