@@ -84,6 +84,21 @@ def _has_split(datalist: str, split: str) -> bool:
     return isinstance(items, list) and len(items) > 0
 
 
+def robust_binary_auc(metrics: dict[str, dict[str, float]], class_names: Sequence[str] | None) -> tuple[dict[str, dict[str, float]], bool]:
+    """For a 2-class softmax, AUC(p_1, y=1) equals AUC(p_0, y=0) exactly; in float32 one column can saturate
+    (every p_1 == 1.0 when the logit gap exceeds ~17, e.g. early in training), which ties all scores and reads as
+    0.5. Take the per-class AUC farther from 0.5 (the column that kept its resolution). Returns (metrics, changed)."""
+    if not class_names or len(class_names) != 2 or "auc" not in metrics:
+        return metrics, False
+    per = [metrics.get(f"auc_{c}") for c in class_names]
+    if any(p is None for p in per):
+        return metrics, False
+    best = max(per, key=lambda m: abs(m["value"] - 0.5))
+    if abs(best["value"] - metrics["auc"]["value"]) < 1e-9:
+        return metrics, False
+    return {**metrics, "auc": best}, True
+
+
 def _fmt(m: dict[str, float]) -> str:
     return f"{100 * m['value']:.2f} [{100 * m['ci_low']:.2f}, {100 * m['ci_high']:.2f}]"
 
@@ -98,8 +113,12 @@ def write_table(rows: list[dict[str, Any]], out: Path, backbone: str, split: str
     ]
     for r in rows:
         cells = [_fmt(r["metrics"][k]) if k in r["metrics"] else "n/a" for k, _ in METRICS]
+        star = "*" if r.get("auc_fixed") else ""
         md.append(f"| {backbone} | {r['approach']} | {r['contrastive']} | {r['init']} | " + " | ".join(cells)
-                  + f" | {r['wall_s']:.0f} |")
+                  + f"{star} | {r['wall_s']:.0f} |")
+    if any(r.get("auc_fixed") for r in rows):
+        md += ["", "\\* AUC from the other class's probability column: in float32 the reported column saturated to 1.0 "
+               "(all scores tied); for two classes both AUCs are equal in exact arithmetic."]
     (out / "table.md").write_text("\n".join(md) + "\n")
     with open(out / "table.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -223,8 +242,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"== variant {variant}: finished earlier, skipped", flush=True)
             summary = json.loads(summary_path.read_text())
             metrics = json.loads(Path(summary["output_dir"], *([] if split == "test" else [split]), "metrics.json").read_text())
+            mets, fixed = robust_binary_auc(metrics["metrics"], metrics.get("class_names"))
+            if fixed:
+                print(f"note: {variant}: AUC taken from the unsaturated class column (float32 softmax saturation)")
             rows.append({"variant": variant, "approach": approach_name, "contrastive": contrastive,
-                         "init": "ImageNet" if init == "imagenet" else "random", "metrics": metrics["metrics"],
+                         "init": "ImageNet" if init == "imagenet" else "random", "metrics": mets, "auc_fixed": fixed,
                          "n": metrics.get("n"), "wall_s": summary.get("wall_s", float("nan"))})
             files = write_table(rows, out, args.backbone, split, rows[0].get("n"))
         status = "FINISHED"

@@ -109,3 +109,15 @@ def test_pipeline_end_to_end_tiny(tmp_path):
         logging_file=str(cdir / "logging.conf"), datalist=str(dl), output_dir=str(out), image_size=[16, 16],
         backbone="resnet10", batch_size=4, local_epochs=1, global_epochs=1, max_epochs=1, n_bootstrap=10,
         class_names=["A", "B"], progress=False)
+
+
+def test_robust_binary_auc_uses_the_unsaturated_column():
+    from ffcl_monai.ablate import robust_binary_auc
+
+    sat = {"auc": {"value": 0.5, "ci_low": 0.5, "ci_high": 0.5},
+           "auc_NORMAL": {"value": 0.93, "ci_low": 0.9, "ci_high": 0.96},
+           "auc_PNEUMONIA": {"value": 0.5, "ci_low": 0.5, "ci_high": 0.5}}
+    fixed, changed = robust_binary_auc(sat, ["NORMAL", "PNEUMONIA"])
+    assert changed and fixed["auc"]["value"] == 0.93
+    ok = {**sat, "auc": sat["auc_NORMAL"], "auc_PNEUMONIA": sat["auc_NORMAL"]}
+    assert robust_binary_auc(ok, ["NORMAL", "PNEUMONIA"]) == (ok, False)
