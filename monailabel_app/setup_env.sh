@@ -9,13 +9,15 @@
 #   3. monailabel==0.8.5 itself with --no-deps,
 #   4. this project (editable) so the app and the bundle configs can import ffcl_monai,
 #   5. an import smoke test.
-# Re-running is safe: an existing venv is reused and pip only installs what is missing.
+# Re-running is cheap: a stamp file (hash of the recipe files and pyproject.toml) skips a finished install; a torch
+# already in the venv is kept unless TORCH_SPEC is given.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 VENV="${LABEL_VENV:-$ROOT/.label-venv}"
 PYTHON="${PYTHON:-python3}"
+TORCH_SPEC_FORCE="${TORCH_SPEC:-}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 MONAILABEL_SPEC="${MONAILABEL_SPEC:-monailabel==0.8.5}"
 
@@ -26,6 +28,15 @@ import sys
 sys.exit(0 if sys.version_info >= (3, 10) else 1)
 PY
 
+FLAVOUR="locked"
+[[ "${LABEL_UNLOCKED:-0}" == "1" ]] && FLAVOUR="unlocked"
+STAMP="$VENV/.label-env-$FLAVOUR-$(cat "$HERE/setup_env.sh" "$HERE/requirements-label.txt" \
+    "$HERE/constraints-label.txt" "$HERE/requirements-label.lock" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+if [[ -f "$STAMP" && -z "${TORCH_SPEC_FORCE:-}" ]] && "$VENV/bin/python" -c "import monailabel, ffcl_monai" 2>/dev/null; then
+    log "$VENV is up to date (delete $STAMP to reinstall)"
+    exit 0
+fi
+
 if [[ ! -x "$VENV/bin/python" ]]; then
     log "creating $VENV with $("$PYTHON" --version)"
     "$PYTHON" -m venv "$VENV"
@@ -34,10 +45,13 @@ PIP=("$VENV/bin/python" -m pip)
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # 1. torch. Installed alone and first so that nothing later can swap it for a CUDA build from PyPI.
-log "installing $TORCH_SPEC"
-if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
+if [[ -z "$TORCH_SPEC_FORCE" ]] && "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    log "keeping the installed torch"
+elif [[ -n "${TORCH_INDEX_URL:-}" ]]; then
+    log "installing $TORCH_SPEC from $TORCH_INDEX_URL"
     "${PIP[@]}" install "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"
 else
+    log "installing $TORCH_SPEC"
     "${PIP[@]}" install "$TORCH_SPEC"
 fi
 TORCH_VERSION="$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
@@ -89,4 +103,6 @@ print(
     f"torchvision {'installed' if importlib.util.find_spec('torchvision') else 'absent'}"
 )
 PY
+rm -f "$VENV"/.label-env-*
+touch "$STAMP"
 log "done: $VENV (start the server with monailabel_app/start_server.sh <studies_dir>)"
