@@ -177,8 +177,13 @@ def run_curve(
     probe_lr: float = 0.01,
     finetune_lr: float = 0.001,
     overrides: dict[str, Any] | None = None,
+    reuse_existing: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run every cell, write the table/plot, log a parent MLflow run with one child run per cell."""
+    """Run every cell, write the table/plot, log a parent MLflow run with one child run per cell.
+
+    ``reuse_existing``: a cell whose folder holds ``cell_result.json`` from an earlier call is not trained again (its
+    child run stays under the earlier parent run); lets random-init cells run while pretraining is still going.
+    """
     from ffcl_monai.data.datalist import load_datalist
     from ffcl_monai.handlers.mlflow_tracking import tracking_uri
 
@@ -229,8 +234,14 @@ def run_curve(
                     }
                     if frac in epochs:
                         cell_over["max_epochs"] = epochs[frac]
-                    print(f"=== {cell}: {n_train} labelled training images ===", flush=True)
-                    res = run_cell(files, cell_over, out / cell)
+                    done = out / cell / "cell_result.json"
+                    if reuse_existing and done.is_file():
+                        res = json.loads(done.read_text())  # finished earlier (e.g. random cells run in advance)
+                        print(f"=== {cell}: reusing {done} ===", flush=True)
+                    else:
+                        print(f"=== {cell}: {n_train} labelled training images ===", flush=True)
+                        res = run_cell(files, cell_over, out / cell)
+                        done.write_text(json.dumps(res))
                     row = {"label_fraction": frac, "n_train": n_train, "init": init, "mode": mode, **res}
                     rows.append(row)
                     print(f"=== {cell}: best val AUC {res['val_auc']:.4f} at epoch {res['best_epoch']}/{res['epochs']}, "
@@ -261,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--epochs", default="", help="epochs per fraction, e.g. 0.01:40,0.1:20,1.0:10 (else max_epochs)")
     parser.add_argument("--probe_lr", type=float, default=0.01)
     parser.add_argument("--finetune_lr", type=float, default=0.001)
+    parser.add_argument("--reuse_existing", action="store_true", help="keep cells already finished in output_dir")
     args, rest = parser.parse_known_args(argv)
     overrides: dict[str, Any] = {}
     i = 0
@@ -275,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.pretrained_ckpt, args.datalist, args.output_dir, fractions,
         [m for m in args.modes.split(",") if m], [x for x in args.inits.split(",") if x],
         [o for o in args.overlays.split(",") if o], parse_epochs(args.epochs, fractions, default_epochs),
-        args.probe_lr, args.finetune_lr, overrides,
+        args.probe_lr, args.finetune_lr, overrides, args.reuse_existing,
     )
     print(Path(args.output_dir, "label_efficiency.md").read_text())
     return 0 if rows and all(math.isfinite(r["val_auc"]) for r in rows) else 1

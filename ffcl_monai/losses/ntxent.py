@@ -68,10 +68,15 @@ def nt_xent(
             offset = rank * 2 * batch
         else:
             candidates, offset = z, 0
-        logits = z @ candidates.T / temperature  # (2B, 2B * world): O(B^2) memory, one matmul
+        # (2B, 2B * world) logits: O(B^2) memory, one matmul; 1/tau is folded into the (2B, D) operand, not the
+        # (2B, 2B) product.
+        logits = (z / temperature) @ candidates.T
         idx = torch.arange(2 * batch, device=z.device)
         # An anchor is never its own candidate: -inf removes it from the softmax, leaving 2B*world - 1 candidates.
-        logits[idx, idx + offset] = float("-inf")
+        if offset == 0 and candidates.shape[0] == z.shape[0]:
+            logits = logits.fill_diagonal_(float("-inf"))
+        else:
+            logits[idx, idx + offset] = float("-inf")
         # The positive of row i is the other view of the same image, in this rank's block of the gathered matrix.
         positives = (idx + batch) % (2 * batch) + offset
         return F.cross_entropy(logits, positives)
