@@ -101,7 +101,7 @@ class ClassifierTrainTask(BundleTrainTask):
         super().__init__(str(spec.bundle_path), dict(conf), const=_Constants(), enable_tracking=False, load_strict=True)
         with open(spec.metadata_file) as fp:
             self.class_names = class_names(json.load(fp))
-        self._description = f"Fine-tune {spec.name} ({spec.dimension}D) from per-image labels in the datastore"
+        self.description = f"Fine-tune {spec.name} ({spec.dimension}D) from per-image labels in the datastore"
 
     def _load_bundle_config(self, path: str, config: Any) -> ConfigParser:
         return load_workflow_config(self.config_files, self.spec.metadata_file, path)
