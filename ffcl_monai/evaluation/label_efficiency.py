@@ -115,6 +115,20 @@ def run_cell(
     return {"val_auc": auc, "best_epoch": best_epoch, "epochs": epochs, "wall_s": wall}
 
 
+def collect_cells(out_dir: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """This call's rows plus every other finished cell (``<cell>/cell_result.json``) in ``out_dir``."""
+    seen = {(r["label_fraction"], r["init"], r["mode"]) for r in rows}
+    extra = []
+    for path in sorted(out_dir.glob("f*_*_*/cell_result.json")):
+        r = json.loads(path.read_text())
+        frac, init, mode = path.parent.name[1:].split("_")
+        r = {"n_train": "", **r, "label_fraction": float(frac), "init": init, "mode": mode}
+        if (r["label_fraction"], init, mode) not in seen:
+            extra.append(r)
+    order = {m: i for i, m in enumerate(INITS + MODES)}
+    return sorted(rows + extra, key=lambda r: (r["label_fraction"], order[r["mode"]], order[r["init"]]))
+
+
 def write_outputs(rows: list[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
     """CSV, markdown table (AUC per fraction x init x mode) and a plot."""
     import matplotlib
@@ -241,8 +255,8 @@ def run_curve(
                     else:
                         print(f"=== {cell}: {n_train} labelled training images ===", flush=True)
                         res = run_cell(files, cell_over, out / cell)
-                        done.write_text(json.dumps(res))
-                    row = {"label_fraction": frac, "n_train": n_train, "init": init, "mode": mode, **res}
+                    row = {**res, "label_fraction": frac, "n_train": n_train, "init": init, "mode": mode}
+                    done.write_text(json.dumps(row))
                     rows.append(row)
                     print(f"=== {cell}: best val AUC {res['val_auc']:.4f} at epoch {res['best_epoch']}/{res['epochs']}, "
                           f"{res['wall_s']:.0f} s ===", flush=True)
@@ -250,6 +264,8 @@ def run_curve(
                     write_outputs(rows, out, name)  # partial results survive an interruption
         status = "FINISHED"
     finally:
+        if reuse_existing:  # the table covers every finished cell in output_dir, from this call or earlier ones
+            rows = collect_cells(out, rows)
         for path in write_outputs(rows, out, name) if rows else []:
             try:
                 client.log_artifact(parent_id, str(path))
