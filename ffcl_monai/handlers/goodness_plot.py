@@ -62,7 +62,7 @@ def plot_goodness(
             w = g_wrong[:, col].float().cpu().numpy()  # type: ignore[index]
             ax.hist(t, bins=40, alpha=0.6, color="tab:green", label="true label")
             ax.hist(w, bins=40, alpha=0.6, color="tab:red", label="best wrong label")
-            ax.set_title(f"layer {li}: held-out goodness, {100 * float((t > w).mean()):.1f}% true > wrong")
+            ax.set_title(f"layer {li} held-out: {100 * float((t > w).mean()):.1f}% true > best wrong", fontsize=9)
             ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
