@@ -4,6 +4,8 @@ PY     := $(VENV)/bin/python
 DATA   ?= ../shared/data
 DEMO   ?= runs/demo
 PYTEST_ARGS ?=
+MODEL  ?= $(DEMO)/models/model.pt
+PORT   ?= 8000
 
 .PHONY: setup test test-slow test-all demo bench label-env label-server test-label clean help
 
@@ -38,7 +40,8 @@ label-env: setup
 	bash monailabel_app/setup_env.sh
 
 label-server: label-env
-	bash monailabel_app/start_server.sh $(STUDIES) $(PORT)
+	@test -n "$(STUDIES)" || { echo "usage: make label-server STUDIES=folder [PORT=8000] [MODEL=runs/demo/models/model.pt]"; exit 2; }
+	LABEL_MODEL=$(MODEL) bash monailabel_app/start_server.sh $(STUDIES) $(PORT)
 
 test-label: label-env
 	.label-venv/bin/python -m pytest -q -m label tests/label $(PYTEST_ARGS)
