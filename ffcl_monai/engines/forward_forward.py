@@ -585,10 +585,15 @@ def ff_splits(
     return {"training": [train[i] for i in sorted(tr)], "validation": [train[i] for i in sorted(va)]}
 
 
-def dataset_tensors(dataset: Any, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def dataset_tensors(
+    dataset: Any, device: str | torch.device = "cpu", allow_empty: bool = False
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Stack a (cached) MONAI dataset of ``{"image", "label"}`` dicts into ``(N, D)`` float images and ``(N,)``
-    labels on ``device``, once, so that every FF epoch is pure tensor work."""
+    labels on ``device``, once, so that every FF epoch is pure tensor work. An empty dataset gives ``None`` when
+    ``allow_empty`` (the optional validation split), an error otherwise."""
     if len(dataset) == 0:
+        if allow_empty:
+            return None
         raise ValueError("empty dataset: no images to train or evaluate on (check the datalist split).")
     xs, ys = [], []
     for i in range(len(dataset)):
