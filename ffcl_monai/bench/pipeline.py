@@ -197,16 +197,16 @@ def build_workflow(config_names: Sequence[str], overrides: dict[str, Any]) -> An
 # ------------------------------------------------------------------------------------------------------------------
 def _measure(spatial_dims: int, device: str, quick: bool, data_root: str | None, tmp: Path) -> dict[str, Any]:
     if spatial_dims == 2:
-        size, n_train, batch = (64, 64, 32) if quick else (64, 384, 32)
+        size, n_train, batch = (64, 64, 32) if quick else (64, 192, 32)
         datalist, source = bench_datalist(data_root, "kermany", tmp / "d2", 2, 128, n_train)
         configs = ["common.yaml", "train.yaml"]
         overrides: dict[str, Any] = {"image_size": [size, size], "backbone": "resnet18"}
     else:
-        size, n_train, batch = (28, 32, 16) if quick else (28, 160, 16)
+        size, n_train, batch = (28, 32, 16) if quick else (28, 96, 16)
         datalist, source = bench_datalist(data_root, "adrenal3d", tmp / "d3", 3, size, n_train)
         configs = ["common.yaml", "train.yaml", "3d.yaml"]
         overrides = {"image_size": [size] * 3, "backbone": "resnet10"}
-    warmup, repeats = (1, 2) if quick else (1, 5)
+    warmup, repeats = (1, 2) if quick else (1, 3)
     overrides.update(
         datalist=str(datalist), output_dir=str(tmp / f"run{spatial_dims}d"), batch_size=batch,
         max_epochs=warmup + repeats, val_interval=10**6, progress=False, device=device,
