@@ -489,6 +489,8 @@ def create_backprop_trainer(
     amp: bool = False,
 ) -> Engine:
     """Plain supervised Ignite engine on the same in-memory batches and augmentation as the FF trainer."""
+    if max_shift > 0 and image_shape is None:
+        raise ValueError("`max_shift` > 0 needs `image_shape` (H, W) of the flattened images.")
     dev = next(model.parameters()).device
 
     def step(engine: Engine, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
