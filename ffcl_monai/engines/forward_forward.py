@@ -244,17 +244,26 @@ def create_ff_trainer(
                 xs = torch.cat([x, x[j]], 0)
                 codes = eye[torch.cat([y, y])][:, None, :]  # (2B, 1, m)
             else:
+                upto = top if hard_layers <= 0 else min(hard_layers - 1, top)
+                h_all = None
                 if negatives == "wrong_label":
                     y_neg = wrong_labels(y, m)
+                elif upto == 0 and first == 0:
+                    # hard, scored by layer 0 alone: its all-label activations (one D x H product) also serve as the
+                    # positive/negative pair of the training step, so the image product is computed once
+                    h_all = net.first_layer(x, eye.expand(len(y), m, m))  # (B, m, H), with grad
+                    y_neg = hard_labels(net.layer_goodness(h_all.detach()), y)
                 else:  # hard: the current net's most "good" wrong label
                     with torch.no_grad():
-                        upto = top if hard_layers <= 0 else min(hard_layers - 1, top)
                         g_all = net.goodness_all_labels(x, upto=upto)
                         y_neg = hard_labels(net.score(g_all, skip_first), y)
                 xs = x
                 codes = torch.stack([eye[y], eye[y_neg]], 1)  # (B, 2, m)
             if first == 0:
-                h = net.first_layer(xs, codes)
+                if negatives != "other_sample" and h_all is not None:
+                    h = h_all[torch.arange(len(y), device=dev)[:, None], torch.stack([y, y_neg], 1)]  # (B, 2, H)
+                else:
+                    h = net.first_layer(xs, codes)
                 trained = [(0, h)]
                 for li in range(1, top + 1):
                     # detached input: layer li learns only from its own loss
