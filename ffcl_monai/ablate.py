@@ -253,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         wall = time.time() - t0
         state["last_wall_s"] = wall
+        state["total_wall_s"] = state.get("total_wall_s", 0.0) + wall  # across resumed invocations
         state_path.write_text(json.dumps(state, indent=2))
         if rows:
             _close_parent(uri, parent, rows, files, split, status,
