@@ -6,8 +6,8 @@ Contenders, measured side by side in one process, one epoch each, alternating (w
       deterministic prefix, random augmentations, ThreadDataLoader, ``SupervisedTrainer`` and every training handler
       (seeding, NaN guard, LR schedule, history, resume checkpoint, stats, MLflow). Epochs >= 2 only (the cache is
       built before epoch 1; epoch 1 is a warm-up).
-    - ``model_only``: the same network, optimizer, loss and batch size on one pre-made batch of tensors already on the
-      device, for the same number of iterations (forward, loss, backward, step).
+    - ``model_only``: the same network, optimizer, loss and batch size on pre-made batches of tensors already on the
+      device (the epoch's images, augmented once), same number of iterations (forward, loss, backward, step).
 
 Headline: ``<dims>_ratio`` = model-only epoch time / end-to-end epoch time (1.0 = no data or engine overhead;
 target >= 0.85 on CPU). Validation is not part of a training epoch here (``val_interval`` beyond the run).
@@ -219,14 +219,18 @@ def _measure(spatial_dims: int, device: str, quick: bool, data_root: str | None,
     steps = len(get("train#dataloader"))
     from monai.data import list_data_collate
 
-    first = list_data_collate([dataset[i] for i in range(batch)])
-    x, y = as_plain(first["image"], device), as_plain(first["label"], device)
+    # One pre-made batch per iteration (the epoch's images, augmented once): training again and again on a single
+    # batch drives activations and gradients into float32 denormals, which are many times slower on CPUs.
+    premade = []
+    for i in range(steps):
+        b = list_data_collate([dataset[(i * batch + j) % len(dataset)] for j in range(batch)])
+        premade.append((as_plain(b["image"], device), as_plain(b["label"], device)))
     dev_type = torch.device(device).type
     scaler = torch.amp.GradScaler(dev_type) if amp and dev_type == "cuda" else None
 
     def model_only_epoch() -> None:
         network.train()
-        for _ in range(steps):
+        for x, y in premade:
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(dev_type, enabled=amp):
                 loss = loss_fn(network(x), y)
