@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.config import KeysCollection
 from monai.data import Dataset
 from monai.transforms import Compose, CopyItemsd, MapTransform, Randomizable
 from monai.utils import MAX_SEED
