@@ -1,9 +1,11 @@
 """``make demo``: the main job end to end on the embedded real chest X-ray sample (480 Kermany images, 64 px).
 
-    python -m ffcl_monai.demo [--output-dir runs/demo] [--epochs 15]
+    python -m ffcl_monai.demo [--output-dir runs/demo] [--local-epochs 3] [--global-epochs 3] [--epochs 10] [--rbp]
 
-Runs the bundle's train workflow (validation AUC selects the checkpoint) and then the evaluate workflow on the
-held-out test split once, prints the metrics with bootstrap 95% CIs and the ``mlflow ui`` command.
+Runs the FFCL pipeline (``bundle/configs/ffcl.yaml``): local per-block contrastive -> global contrastive ->
+fine-tune (validation AUC selects the checkpoint) -> the held-out test split once, then prints the test metrics
+with bootstrap 95% CIs and the ``mlflow ui`` command. ``--rbp`` runs plain back-propagation (train + evaluate)
+instead.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ffcl_monai.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/demo")
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs")
+    parser.add_argument("--local-epochs", type=int, default=3)
+    parser.add_argument("--global-epochs", type=int, default=3)
+    parser.add_argument("--rbp", action="store_true", help="plain back-propagation instead of FFCL")
     parser.add_argument("--fresh", action="store_true", help="delete the output dir first")
     args = parser.parse_args(argv)
     out = Path(args.output_dir).resolve()
@@ -44,10 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         t0 = time.time()
         common = dict(meta_file=configs("metadata.json")[0], logging_file=configs("logging.conf")[0], output_dir=str(out))
-        print("== train (ResNet-18, 64 px, validation AUC selects the checkpoint) ==", flush=True)
-        bundle_run(config_file=configs("common.yaml", "train.yaml"), max_epochs=args.epochs, **common)
-        print("== evaluate on the held-out test split (once) ==", flush=True)
-        bundle_run(config_file=configs("common.yaml", "evaluate.yaml"), **common)
+        if args.rbp:
+            print("== train (ResNet-18, 64 px, validation AUC selects the checkpoint) ==", flush=True)
+            bundle_run(config_file=configs("common.yaml", "train.yaml"), max_epochs=args.epochs, **common)
+            print("== evaluate on the held-out test split (once) ==", flush=True)
+            bundle_run(config_file=configs("common.yaml", "evaluate.yaml"), **common)
+        else:
+            print("== FFCL: local -> global -> fine-tune -> test (ResNet-18, 64 px) ==", flush=True)
+            bundle_run(config_file=configs("common.yaml", "ffcl.yaml"), local_epochs=args.local_epochs,
+                       global_epochs=args.global_epochs, max_epochs=args.epochs, **common)
         print(f"demo wall time: {time.time() - t0:.0f} s")
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlruns.db'}"

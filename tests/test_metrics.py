@@ -53,3 +53,18 @@ def test_bootstrap_interval_brackets_value_and_narrows_with_n():
                 assert v["ci_low"] <= v["value"] <= v["ci_high"]
     width = lambda m: m["auc"]["ci_high"] - m["auc"]["ci_low"]  # noqa: E731
     assert width(large) < width(small)
+
+
+def test_auc_keeps_its_resolution_when_softmax_saturates():
+    import torch
+
+    from ffcl_monai.handlers.metrics import ClassificationMetrics
+
+    # confident logits: float32 softmax rounds every positive-class probability to exactly 1.0
+    labels = torch.tensor([0, 0, 1, 1, 0, 1])
+    margin = torch.tensor([30.0, 40.0, 50.0, 60.0, 35.0, 55.0])
+    logits = torch.stack([torch.zeros(6), margin], dim=1)
+    assert (torch.softmax(logits, 1)[:, 1] == 1.0).all()
+    metric = ClassificationMetrics(task="binary", class_names=["a", "b"])
+    metric.update((logits, labels))
+    assert metric.compute() == pytest.approx(roc_auc_score(labels.numpy(), margin.numpy()))

@@ -61,7 +61,11 @@ def confusion_matrix(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def classification_metrics(
-    probs: np.ndarray, labels: np.ndarray, task: str, class_names: Sequence[str] | None = None
+    probs: np.ndarray,
+    labels: np.ndarray,
+    task: str,
+    class_names: Sequence[str] | None = None,
+    scores: np.ndarray | None = None,
 ) -> dict[str, float]:
     """All reported metrics for one set of predictions.
 
@@ -70,8 +74,12 @@ def classification_metrics(
         labels: (N,) class indices, or (N, C) 0/1/-1 for multi-label.
         task: ``binary``, ``multiclass`` or ``multilabel``.
         class_names: names for the per-class AUC keys (default: indices).
+        scores: (N, C) ranking scores for the AUCs, default ``probs``. Pass log-odds
+            (:func:`log_odds`): a confident float32 softmax saturates at exactly 1.0, which turns every
+            confident prediction into a tie and drags the AUC towards 0.5.
     """
     probs = np.asarray(probs, dtype=np.float64)
+    scores = probs if scores is None else np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels)
     n, c = probs.shape
     names = list(class_names) if class_names else [str(i) for i in range(c)]
@@ -82,7 +90,7 @@ def classification_metrics(
         per_auc, per_acc, tp_fp_tn_fn = [], [], []
         for j in range(c):
             m = mask[:, j]
-            y, p, s = labels[m, j].astype(np.float64), pred[m, j], probs[m, j]
+            y, p, s = labels[m, j].astype(np.float64), pred[m, j], scores[m, j]
             per_auc.append(_auc(s, y))
             per_acc.append(float((p == y).mean()) if m.any() else float("nan"))
             tp_fp_tn_fn.append(
@@ -99,7 +107,7 @@ def classification_metrics(
         y_onehot = np.eye(c)[y]
         counts = _per_class_counts(np.eye(c)[pred], y_onehot)
         out["accuracy"] = float((pred == y).mean())
-        per_auc = [_auc(probs[:, j], y_onehot[:, j]) for j in range(c)]
+        per_auc = [_auc(scores[:, j], y_onehot[:, j]) for j in range(c)]
         for j, name in enumerate(names):
             out[f"auc_{name}"] = per_auc[j]
         if task == "binary" and c == 2:
@@ -123,19 +131,20 @@ def bootstrap_ci(
     n_bootstrap: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    scores: np.ndarray | None = None,
 ) -> dict[str, dict[str, float]]:
     """Point estimates with percentile bootstrap (1 - alpha) confidence intervals, resampling images.
 
     Returns:
         ``{metric: {"value": v, "ci_low": lo, "ci_high": hi}}`` for every metric of :func:`classification_metrics`.
     """
-    point = classification_metrics(probs, labels, task, class_names)
+    point = classification_metrics(probs, labels, task, class_names, scores)
     rng = np.random.default_rng(seed)
     n = len(labels)
     samples: dict[str, list[float]] = {k: [] for k in point}
     for _ in range(n_bootstrap):
         idx = rng.integers(0, n, size=n)
-        m = classification_metrics(probs[idx], labels[idx], task, class_names)
+        m = classification_metrics(probs[idx], labels[idx], task, class_names, None if scores is None else scores[idx])
         for k, v in m.items():
             samples[k].append(v)
     result = {}
@@ -150,6 +159,20 @@ def bootstrap_ci(
 def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
     """Softmax for single-label tasks, sigmoid for multi-label (also what the inference workflow outputs)."""
     return torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, dim=-1)
+
+
+def log_odds(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """Per-class log-odds log(p / (1 - p)): the same ranking as :func:`probabilities`, without saturation.
+
+    For softmax this is ``x_j - logsumexp(x_k, k != j)``; for sigmoid it is the logit itself. Probabilities of
+    confident predictions round to exactly 1.0 (even log-softmax rounds to 0.0), the log-odds keep every margin.
+    """
+    logits = logits.double()
+    if task == "multilabel" or logits.shape[-1] == 1:
+        return logits
+    eye = torch.eye(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    others = logits.unsqueeze(-2).masked_fill(eye, float("-inf"))  # (..., C, C): row j holds x without x_j
+    return logits - torch.logsumexp(others, dim=-1)
 
 
 class ClassificationMetrics(Metric):
@@ -183,20 +206,23 @@ class ClassificationMetrics(Metric):
         super().__init__(output_transform=output_transform)
 
     def reset(self) -> None:
-        self._probs: list[torch.Tensor] = []
+        self._logits: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
 
     def update(self, output: Any) -> None:
         logits, labels = _split_output(output)
-        self._probs.append(probabilities(logits.detach().float(), self.task).cpu())
+        self._logits.append(logits.detach().double().cpu())
         self._labels.append(labels.detach().cpu())
 
     def compute(self) -> float:
-        if not self._probs:
+        if not self._logits:
             raise RuntimeError("ClassificationMetrics: no predictions were accumulated (empty validation split?)")
-        probs = torch.cat(self._probs).numpy()
+        logits = torch.cat(self._logits)
         labels = torch.cat(self._labels).numpy()
-        self.last = classification_metrics(probs, labels, self.task, self.class_names)
+        self.last = classification_metrics(
+            probabilities(logits, self.task).numpy(), labels, self.task, self.class_names,
+            scores=log_odds(logits, self.task).numpy(),
+        )
         return self.last[self.key]
 
     def completed(self, engine: Engine, name: str) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from ffcl_monai.handlers.metrics import HEADLINE, bootstrap_ci, confusion_matrix, probabilities
+from ffcl_monai.handlers.metrics import HEADLINE, bootstrap_ci, confusion_matrix, log_odds, probabilities
 from ffcl_monai.handlers.mlflow_tracking import log_report
 from ffcl_monai.handlers.plots import plot_confusion, plot_roc
 
@@ -116,23 +116,24 @@ class TestReport:
         engine.add_event_handler(Events.COMPLETED, self._report)
 
     def _reset(self, engine: Engine) -> None:
-        self._probs: list[torch.Tensor] = []
+        self._logits: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
 
     def _collect(self, engine: Engine) -> None:
         pred, label = _batch_preds(engine)
-        self._probs.append(probabilities(pred.detach().float(), self.task).cpu())
+        self._logits.append(pred.detach().double().cpu())
         if label is None:
             raise ValueError("the evaluated split has no labels; use the inference workflow for unlabeled images.")
         self._labels.append(label.detach().cpu())
 
     def _report(self, engine: Engine) -> None:
-        probs = torch.cat(self._probs).numpy()
+        logits = torch.cat(self._logits)
+        probs, scores = probabilities(logits, self.task).numpy(), log_odds(logits, self.task).numpy()
         labels = torch.cat(self._labels).numpy()
         if len(probs) != len(self.data):
             raise RuntimeError(f"{len(probs)} predictions for {len(self.data)} datalist entries; evaluation must not drop items.")
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = bootstrap_ci(probs, labels, self.task, self.class_names, self.n_bootstrap, self.seed)
+        self.metrics = bootstrap_ci(probs, labels, self.task, self.class_names, self.n_bootstrap, self.seed, scores=scores)
         files = self.write_files(probs, labels)
         print("\nTest metrics (bootstrap 95% CI, n={}):\n{}".format(len(labels), format_metrics_table(self.metrics)), flush=True)
         if self.tracking_uri:
