@@ -53,7 +53,7 @@ def _measure(device: str, quick: bool, data_root: str | None, tmp: Path) -> dict
     elif on_gpu:
         size, n, batch = 96, 512, 64
     else:
-        size, n, batch = 64, 32, 16
+        size, n, batch = 64, 64, 16
     datalist, source = bench_datalist(data_root, "adrenal3d_64", tmp / "d3", 3, 64, n)
     warmup, repeats = (1, 2)
     overrides: dict[str, Any] = {
