@@ -87,9 +87,10 @@ def test_channels_last_same_numbers():
     torch.nn.functional.cross_entropy(out_ref, y).backward()
     torch.nn.functional.cross_entropy(out_fast, y).backward()
     # float32 summation order differs between memory formats and BatchNorm over 4 samples amplifies it: the
-    # gradients agree to 1e-3 of each tensor's largest entry (measured: <= 2e-4).
+    # gradients agree to 1e-3 of each tensor's largest entry (measured: <= 2e-4), plus 1e-6 absolute for the conv
+    # biases in front of BatchNorm, whose true gradient is 0 and whose computed one is rounding noise (~1e-8).
     for (name, a), b in zip(ref.named_parameters(), fast.parameters()):
-        assert (b.grad - a.grad).abs().max() <= 1e-3 * a.grad.abs().max(), name
+        assert (b.grad - a.grad).abs().max() <= 1e-3 * a.grad.abs().max() + 1e-6, name
 
 
 def test_fast_path_keys_are_off_on_cpu():
