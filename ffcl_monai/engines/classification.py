@@ -89,7 +89,7 @@ def save_resolved_config(output_dir: str | os.PathLike, name: str = "config_reso
     path.parent.mkdir(parents=True, exist_ok=True)
     parser = _find_parser()
     content = parser.get() if parser is not None else {"argv": sys.argv}
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks may write at once
     ConfigParser.export_config_file(content, str(tmp), fmt="json", indent=2, default=str)
     os.replace(tmp, path)
     return str(path)
@@ -103,7 +103,7 @@ def save_dataset_summary(output_dir: str | os.PathLike, datalist: str, class_nam
 
     path = Path(output_dir) / "dataset_summary.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks may write at once
     tmp.write_text(json.dumps(split_summary(datalist, class_names), indent=2))
     os.replace(tmp, path)
     return str(path)

@@ -46,7 +46,7 @@ def _relative(path: str, base: str | None) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks may write at once
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -156,7 +156,7 @@ class TestReport:
             {"task": self.task, "class_names": self.class_names, "n": int(len(labels)), "n_bootstrap": self.n_bootstrap,
              "ci": 0.95, "metrics": self.metrics}, indent=2))
         pred_path = self.dir / "predictions.csv"
-        tmp = pred_path.with_name(pred_path.name + ".tmp")
+        tmp = pred_path.with_name(f"{pred_path.name}.{os.getpid()}.tmp")
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["image", "label", "predicted", *[f"prob_{c}" for c in self.class_names]])
