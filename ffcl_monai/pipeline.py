@@ -99,7 +99,7 @@ def _read_state(out: Path) -> dict[str, Any]:
 
 def _write_state(out: Path, state: dict[str, Any]) -> None:
     path = out / "pipeline_state.json"
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: every rank runs the pipeline
     tmp.write_text(json.dumps(state, indent=2))
     os.replace(tmp, path)
 
@@ -311,7 +311,7 @@ def run_pipeline(parser: Any) -> dict[str, Any]:
         _finish_parent(uri, parent, params, metrics, artifacts, status)
     summary = {"output_dir": str(out), "stages": stages, "init": init, "parent_run_id": parent,
                "metrics": metrics, "seconds": state.get("seconds", {}), "wall_s": state["wall_s"]}
-    tmp = out / "pipeline_summary.json.tmp"
+    tmp = out / f"pipeline_summary.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(summary, indent=2, default=str))
     os.replace(tmp, out / "pipeline_summary.json")
     print(f"== FFCL pipeline done in {state['wall_s']:.0f} s: {out}/pipeline_summary.json; "
