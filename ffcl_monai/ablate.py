@@ -218,7 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     state_path = out / "ablation_state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    parent = _open_parent(uri, args.experiment_name, state.get("parent_run_id"), out.name)
+    from ffcl_monai.handlers.mlflow_tracking import open_parent_run
+
+    parent = open_parent_run(uri, args.experiment_name, f"ablation:{out.name}", state.get("parent_run_id"))
     state["parent_run_id"] = parent
     state_path.write_text(json.dumps(state, indent=2))
 
@@ -274,25 +276,6 @@ def _finished(summary_path: Path, split: str) -> bool:
     except ValueError:
         return False
     return f"{split}_auc" in summary.get("metrics", {})
-
-
-def _open_parent(uri: str, experiment: str, run_id: str | None, name: str) -> str | None:
-    try:
-        import mlflow
-
-        client = mlflow.MlflowClient(tracking_uri=uri)
-        if run_id:
-            try:
-                client.update_run(run_id, status="RUNNING")
-                return run_id
-            except Exception:
-                pass
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-        return client.create_run(exp_id, run_name=f"ablation:{name}").info.run_id
-    except Exception as e:
-        print(f"warning: MLflow parent run not opened ({e}); variants log as top-level runs", file=sys.stderr)
-        return None
 
 
 def _close_parent(uri: str, run_id: str | None, rows: list[dict[str, Any]], files: list[Path], split: str,

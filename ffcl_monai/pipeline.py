@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import ffcl_monai
+from ffcl_monai.handlers.mlflow_tracking import open_parent_run
 
 logger = logging.getLogger(__name__)
 
@@ -149,28 +150,6 @@ def prepare_init(init: str | None, network_def: Any, out: Path) -> str | None:
     return os.path.abspath(init)
 
 
-def _mlflow_parent(uri: str, experiment: str, run_name: str, outer_parent: str | None, run_id: str | None) -> str | None:
-    from ffcl_monai.handlers.mlflow_tracking import PARENT_TAG
-
-    try:
-        import mlflow
-
-        client = mlflow.MlflowClient(tracking_uri=uri)
-        if run_id:
-            try:
-                client.update_run(run_id, status="RUNNING")
-                return run_id
-            except Exception:  # the store was deleted: open a new parent run
-                pass
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-        tags = {PARENT_TAG: outer_parent} if outer_parent else {}
-        return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
-    except Exception as e:
-        logger.warning("MLflow parent run could not be opened (%s); steps log as top-level runs.", e)
-        return None
-
-
 def _finish_parent(
     uri: str, run_id: str | None, params: Mapping[str, Any], metrics: Mapping[str, float], artifacts: Sequence[Path],
     status: str,
@@ -226,7 +205,7 @@ def run_pipeline(parser: Any) -> dict[str, Any]:
     state = _read_state(out)
     done: dict[str, Any] = state.setdefault("done", {})
 
-    parent = _mlflow_parent(uri, experiment, get("run_name"), get("mlflow_parent_run_id"), state.get("parent_run_id"))
+    parent = open_parent_run(uri, experiment, get("run_name"), state.get("parent_run_id"), get("mlflow_parent_run_id"))
     state["parent_run_id"] = parent
     _write_state(out, state)
     common = {"tracking_uri": uri, "mlflow_parent_run_id": parent, **forward}

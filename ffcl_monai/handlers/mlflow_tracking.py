@@ -206,3 +206,36 @@ def log_report(
     except Exception as e:
         _warn("report logging", e)
         return None
+
+
+def open_parent_run(
+    uri: str, experiment_name: str, run_name: str, run_id: str | None = None, parent_run_id: str | None = None
+) -> str | None:
+    """Reopen the parent run ``run_id`` of a resumed pipeline/ablation, or create a new one; warn instead of failing.
+
+    Args:
+        uri, experiment_name: MLflow target.
+        run_name: name of a new parent run.
+        run_id: the parent run of an earlier invocation, reopened (status RUNNING) if it still exists.
+        parent_run_id: nest the new parent run under this run.
+
+    Returns:
+        the run id, or None when MLflow is unavailable (the steps then log as top-level runs).
+    """
+    import mlflow
+
+    try:
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        if run_id:
+            try:
+                client.update_run(run_id, status="RUNNING")
+                return run_id
+            except Exception:  # the store was deleted: open a new parent run
+                pass
+        exp = client.get_experiment_by_name(experiment_name)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment_name)
+        tags = {PARENT_TAG: parent_run_id} if parent_run_id else {}
+        return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    except Exception as e:
+        _warn("opening the parent run", e)
+        return None
