@@ -35,6 +35,7 @@ from typing import Any
 
 import ffcl_monai
 from ffcl_monai.handlers.mlflow_tracking import open_parent_run
+from ffcl_monai.networks.checkpoints import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -99,10 +100,7 @@ def _read_state(out: Path) -> dict[str, Any]:
 
 
 def _write_state(out: Path, state: dict[str, Any]) -> None:
-    path = out / "pipeline_state.json"
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: every rank runs the pipeline
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(out / "pipeline_state.json", json.dumps(state, indent=2))  # every rank runs the pipeline
 
 
 def run_step(config_names: Sequence[str], overrides: Mapping[str, Any]) -> None:
@@ -290,9 +288,7 @@ def run_pipeline(parser: Any) -> dict[str, Any]:
         _finish_parent(uri, parent, params, metrics, artifacts, status)
     summary = {"output_dir": str(out), "stages": stages, "init": init, "parent_run_id": parent,
                "metrics": metrics, "seconds": state.get("seconds", {}), "wall_s": state["wall_s"]}
-    tmp = out / f"pipeline_summary.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    os.replace(tmp, out / "pipeline_summary.json")
+    atomic_write_text(out / "pipeline_summary.json", json.dumps(summary, indent=2, default=str))
     print(f"== FFCL pipeline done in {state['wall_s']:.0f} s: {out}/pipeline_summary.json; "
           f"MLflow: mlflow ui --backend-store-uri {uri}", flush=True)
     return summary

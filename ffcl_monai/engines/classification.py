@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ffcl_monai.networks.checkpoints import load_backbone, safe_load
+from ffcl_monai.networks.checkpoints import atomic_write_text, load_backbone, safe_load
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +102,4 @@ def save_dataset_summary(output_dir: str | os.PathLike, datalist: str, class_nam
     from ffcl_monai.data.datalist import split_summary
 
     path = Path(output_dir) / "dataset_summary.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks may write at once
-    tmp.write_text(json.dumps(split_summary(datalist, class_names), indent=2))
-    os.replace(tmp, path)
-    return str(path)
+    return str(atomic_write_text(path, json.dumps(split_summary(datalist, class_names), indent=2)))

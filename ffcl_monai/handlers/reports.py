@@ -22,6 +22,7 @@ from ignite.engine import Engine, Events
 from ffcl_monai.handlers.metrics import HEADLINE, bootstrap_ci, confusion_matrix, log_odds, probabilities
 from ffcl_monai.handlers.mlflow_tracking import log_report
 from ffcl_monai.handlers.plots import plot_confusion, plot_roc
+from ffcl_monai.networks.checkpoints import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +44,6 @@ def _relative(path: str, base: str | None) -> str:
         except ValueError:
             pass
     return os.path.basename(path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks may write at once
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def format_metrics_table(metrics: dict[str, dict[str, float]], keys: Sequence[str] = HEADLINE) -> str:
@@ -152,7 +147,7 @@ class TestReport:
     def write_files(self, probs: np.ndarray, labels: np.ndarray) -> list[Path]:
         """Write metrics.json, predictions.csv, plots and the dataset summary; return their paths."""
         metrics_path = self.dir / "metrics.json"
-        _atomic_write_text(metrics_path, json.dumps(
+        atomic_write_text(metrics_path, json.dumps(
             {"task": self.task, "class_names": self.class_names, "n": int(len(labels)), "n_bootstrap": self.n_bootstrap,
              "ci": 0.95, "metrics": self.metrics}, indent=2))
         pred_path = self.dir / "predictions.csv"
@@ -175,7 +170,7 @@ class TestReport:
             files.append(plot_confusion(confusion_matrix(probs, labels), self.class_names, self.dir / "confusion_matrix.png"))
         if self.dataset_summary is not None:
             summary_path = self.dir / "dataset_summary.json"
-            _atomic_write_text(summary_path, json.dumps(self.dataset_summary, indent=2))
+            atomic_write_text(summary_path, json.dumps(self.dataset_summary, indent=2))
             files.append(summary_path)
         return files
 
@@ -204,7 +199,7 @@ class InferenceWriter:
             {"image": item["image"], **{c: float(v) for c, v in zip(self.class_names, p)}}
             for item, p in zip(self.data, probs)
         ]
-        _atomic_write_text(self.dir / "inference.json", json.dumps(rows, indent=2))
+        atomic_write_text(self.dir / "inference.json", json.dumps(rows, indent=2))
         tmp = self.dir / "inference.csv.tmp"
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
