@@ -6,6 +6,7 @@ import socket
 import time
 
 import pytest
+from ignite.engine import Events
 
 from ffcl_monai.handlers.mlflow_tracking import SafeMLFlowHandler, check_tracking, log_report, tracking_uri
 
@@ -59,3 +60,31 @@ def test_log_report_creates_child_run(tmp_path):
 def _file(p):
     p.write_text("{}")
     return p
+
+
+def _tiny_engine(losses):
+    from ignite.engine import Engine
+
+    it = iter(losses)
+    return Engine(lambda engine, batch: {"loss": next(it)})
+
+
+@pytest.mark.parametrize("flush_secs", [1e9, 0.0])
+def test_every_iteration_value_reaches_the_store_in_batches(tmp_path, flush_secs):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    losses = [float(i) for i in range(10)]
+    engine = _tiny_engine(losses)
+    handler = SafeMLFlowHandler(tracking_uri=uri, experiment_name="e", run_name="r", tag_name="train_loss",
+                                output_transform=lambda out: out["loss"], iteration_flush_secs=flush_secs)
+    writes = []
+    handler.attach(engine)
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: writes.append(len(handler._buffer)))
+    engine.run([0] * 5, max_epochs=2)
+    client = mlflow.MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("e").experiment_id])[0]
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train_loss"))
+    assert history == [(i + 1, losses[i]) for i in range(10)]  # one point per iteration, each at its own step
+    # flushed at each epoch end only, or at every iteration when the interval is 0
+    assert writes == ([1, 2, 3, 4, 5, 1, 2, 3, 4, 5] if flush_secs > 1 else [0] * 10)

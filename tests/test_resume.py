@@ -56,3 +56,30 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     b = torch.load(killed / "models" / "model.pt", weights_only=True)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_checkpoint_is_a_snapshot_of_the_epoch_end(tmp_path):
+    """Written in the background, the checkpoint still holds the weights of the epoch's end, not later ones."""
+    from ignite.engine import Engine, Events
+
+    from ffcl_monai.handlers.training import ResumeHandler
+
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    path = tmp_path / "ckpt" / "resume.pt"
+    handler = ResumeHandler(path, net, opt)
+    engine = Engine(lambda e, b: None)
+    handler.attach(engine)
+    seen = {}
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def change_weights_right_after_the_save(e):
+        seen[e.state.epoch] = net.weight.detach().clone()
+        with torch.no_grad():
+            net.weight.add_(1.0)  # as the next optimizer step would, while the writer may still run
+
+    engine.run([0], max_epochs=2)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["trainer"]["epoch"] == 2
+    assert torch.equal(ckpt["model"]["weight"], seen[2])
+    assert not list(path.parent.glob("*.tmp"))

@@ -206,7 +206,7 @@ def _measure(spatial_dims: int, device: str, quick: bool, data_root: str | None,
         datalist, source = bench_datalist(data_root, "adrenal3d", tmp / "d3", 3, size, n_train)
         configs = ["common.yaml", "train.yaml", "3d.yaml"]
         overrides = {"image_size": [size] * 3, "backbone": "resnet10"}
-    warmup, repeats = (1, 2) if quick else (1, 3)
+    warmup, repeats = (1, 2) if quick else (1, 5)
     overrides.update(
         datalist=str(datalist), output_dir=str(tmp / f"run{spatial_dims}d"), batch_size=batch,
         max_epochs=warmup + repeats, val_interval=10**6, progress=False, device=device,

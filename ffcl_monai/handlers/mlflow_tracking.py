@@ -24,6 +24,7 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
+from monai.utils import flatten_dict
 
 logger = logging.getLogger(__name__)
 
@@ -77,17 +78,52 @@ class SafeMLFlowHandler(MLFlowHandler):
 
     Args:
         parent_run_id: open the run as a child of this run (one parent per pipeline or ablation).
+        iteration_flush_secs: per-iteration values are written in one batch this often and at each epoch end
+            (a store write per iteration would cost as much as a GPU step).
         *args, **kwargs: as ``MLFlowHandler``.
     """
 
-    def __init__(self, *args: Any, parent_run_id: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, parent_run_id: str | None = None, iteration_flush_secs: float = 30.0, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.parent_run_id = parent_run_id
+        self.iteration_flush_secs = iteration_flush_secs
         self._stepped_aside = False
+        self._iteration_logging = False
+        self._buffer: list[Any] = []  # per-iteration metrics not yet written
+        self._last_flush = time.monotonic()
 
     def attach(self, engine: Engine) -> None:
         super().attach(engine)
         engine.add_event_handler(Events.STARTED, self._step_aside_if_duplicated)
+
+    def iteration_completed(self, engine: Engine) -> None:
+        # A store write per iteration costs ~20 ms (SQLite), as long as a whole GPU step, and an asynchronous queue
+        # still spends that time in Python under the GIL. Per-iteration values are therefore kept (each with its own
+        # step) and written in one batch every `iteration_flush_secs` and at the end of each epoch.
+        self._iteration_logging = True
+        try:
+            super().iteration_completed(engine)
+        finally:
+            self._iteration_logging = False
+        if time.monotonic() - self._last_flush >= self.iteration_flush_secs:
+            self._flush()
+
+    def epoch_completed(self, engine: Engine) -> None:
+        self._flush()
+        super().epoch_completed(engine)
+
+    def _flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if not self._buffer or not self.cur_run:
+            return
+        batch, self._buffer = self._buffer, []
+        try:
+            for i in range(0, len(batch), 1000):  # MLflow's limit per log_batch call
+                self.client.log_batch(run_id=self.cur_run.info.run_id, metrics=batch[i : i + 1000])
+        except Exception as e:
+            _warn("metric logging", e)
 
     def _step_aside_if_duplicated(self, engine: Engine) -> None:
         # `--tracking mlflow` appends MONAI's own MLFlowHandler to the same engine; two handlers would log every
@@ -132,7 +168,13 @@ class SafeMLFlowHandler(MLFlowHandler):
         if self._stepped_aside:
             return
         try:
-            super()._log_metrics(metrics, step)
+            if self._iteration_logging and self.cur_run:
+                import mlflow
+
+                ts = int(time.time() * 1000)
+                self._buffer += [mlflow.entities.Metric(k, v, ts, step or 0) for k, v in flatten_dict(metrics).items()]
+            else:
+                super()._log_metrics(metrics, step)
         except Exception as e:
             _warn("metric logging", e)
 
@@ -145,6 +187,7 @@ class SafeMLFlowHandler(MLFlowHandler):
             _warn("artifact logging", e)
 
     def close(self) -> None:
+        self._flush()
         try:
             super().close()
         except Exception as e:

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,10 @@ class ResumeHandler:
 
     The checkpoint holds state dicts only (weights_only-loadable): network, optimizer, LR scheduler, the trainer's
     epoch/iteration counters and the validator's best metric, so best-model selection also continues correctly.
+
+    The state is copied at the end of the epoch and written by a background thread (temporary file + rename), so the
+    next epoch does not wait for the disk; a write still in flight is finished before the next one starts and when
+    the run ends or fails.
     """
 
     def __init__(
@@ -98,10 +103,13 @@ class ResumeHandler:
         self.lr_scheduler = lr_scheduler
         self.validator = validator
         self.resume = resume
+        self._writer: threading.Thread | None = None
+        self._write_error: BaseException | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+        engine.add_event_handler(Events.COMPLETED, self.wait)
 
     def _net(self) -> torch.nn.Module:
         return getattr(self.network, "module", self.network)  # unwrap DDP
@@ -119,7 +127,26 @@ class ResumeHandler:
                 "best_metric": float(getattr(self.validator.state, "best_metric", -1)),
                 "best_metric_epoch": int(getattr(self.validator.state, "best_metric_epoch", -1)),
             }
-        atomic_save(payload, self.path)
+        self.wait()
+        snapshot = _cpu_copy(payload)  # the next optimizer step changes the live tensors in place
+        self._writer = threading.Thread(target=self._write, args=(snapshot,), name="resume-checkpoint")
+        # not a daemon: if training fails, the interpreter still finishes this write before it exits
+        self._writer.start()
+
+    def _write(self, payload: dict[str, Any]) -> None:
+        try:
+            atomic_save(payload, self.path)
+        except BaseException as e:  # surfaced in the training thread by wait()
+            self._write_error = e
+
+    def wait(self, engine: Engine | None = None) -> None:
+        """Block until the last checkpoint write is on disk; raise its error, if any."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._write_error is not None:
+            err, self._write_error = self._write_error, None
+            raise RuntimeError(f"could not write the resume checkpoint {self.path}: {err}") from err
 
     def load(self, engine: Engine) -> None:
         if not self.resume:
@@ -140,6 +167,17 @@ class ResumeHandler:
             self.validator.state.best_metric = ckpt["validator"]["best_metric"]
             self.validator.state.best_metric_epoch = ckpt["validator"]["best_metric_epoch"]
         logger.info("resumed from %s at epoch %d", self.path, engine.state.epoch)
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """Nested dicts/lists of tensors with every tensor copied to CPU memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
 
 
 class BestModelSaver:
