@@ -182,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from ffcl_monai.handlers.mlflow_tracking import check_tracking, tracking_uri
-    from ffcl_monai.pipeline import configs_dir, run_step
+    from ffcl_monai.pipeline import run_step
 
     datalist = str(Path(args.datalist).resolve())
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -280,27 +280,14 @@ def _finished(summary_path: Path, split: str) -> bool:
 
 def _close_parent(uri: str, run_id: str | None, rows: list[dict[str, Any]], files: list[Path], split: str,
                   status: str, params: dict[str, Any]) -> None:
-    if not run_id:
-        return
-    try:
-        import mlflow
+    metrics = {
+        f"{r['variant']}.{split}_{k}{suffix}": r["metrics"][k][key]
+        for r in rows for k, _ in METRICS if k in r["metrics"]
+        for suffix, key in (("", "value"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high"))
+    }
+    from ffcl_monai.handlers.mlflow_tracking import close_parent_run
 
-        client = mlflow.MlflowClient(tracking_uri=uri)
-        run = client.get_run(run_id)
-        ts = int(time.time() * 1000)
-        mets = []
-        for r in rows:
-            for k, _ in METRICS:
-                if k in r["metrics"]:
-                    for s, key in (("", "value"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high")):
-                        mets.append(mlflow.entities.Metric(f"{r['variant']}.{split}_{k}{s}", float(r["metrics"][k][key]), ts, 0))
-        ps = [mlflow.entities.Param(k, str(v)[:500]) for k, v in params.items() if k not in run.data.params]
-        client.log_batch(run_id, metrics=mets, params=ps, tags=[])
-        for f in files:
-            client.log_artifact(run_id, str(f))
-        client.set_terminated(run_id, status)
-    except Exception as e:
-        print(f"warning: MLflow parent run not finished ({e}); the table files are in the output dir", file=sys.stderr)
+    close_parent_run(uri, run_id, status, params, metrics, [(f, None) for f in files])
 
 
 if __name__ == "__main__":

@@ -20,13 +20,16 @@ Keys given on the command line are passed on to every step: the pipeline compare
 are added after the workflow file of every step.
 
 Resume: ``pipeline_state.json`` in ``output_dir`` records finished steps; a rerun skips them and reuses the parent run.
+
+Under torchrun (``multi_gpu_ffcl.yaml``) every rank runs the pretraining stages and the fine-tuning. Rank 0 alone opens
+and finishes the MLflow parent run (its id is broadcast), writes the state and summary files, and runs the evaluate
+steps (one-off reports, without the multi-GPU overlay) while the other ranks wait.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -34,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import ffcl_monai
-from ffcl_monai.handlers.mlflow_tracking import open_parent_run
+from ffcl_monai.data.distributed import barrier, broadcast_object, is_rank0
+from ffcl_monai.handlers.mlflow_tracking import close_parent_run, open_parent_run
 from ffcl_monai.networks.checkpoints import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -100,7 +104,8 @@ def _read_state(out: Path) -> dict[str, Any]:
 
 
 def _write_state(out: Path, state: dict[str, Any]) -> None:
-    atomic_write_text(out / "pipeline_state.json", json.dumps(state, indent=2))  # every rank runs the pipeline
+    if is_rank0():
+        atomic_write_text(out / "pipeline_state.json", json.dumps(state, indent=2))
 
 
 def run_step(config_names: Sequence[str], overrides: Mapping[str, Any]) -> None:
@@ -148,30 +153,6 @@ def prepare_init(init: str | None, network_def: Any, out: Path) -> str | None:
     return os.path.abspath(init)
 
 
-def _finish_parent(
-    uri: str, run_id: str | None, params: Mapping[str, Any], metrics: Mapping[str, float], artifacts: Sequence[Path],
-    status: str,
-) -> None:
-    if not run_id:
-        return
-    try:
-        import mlflow
-
-        client = mlflow.MlflowClient(tracking_uri=uri)
-        run = client.get_run(run_id)
-        ts = int(time.time() * 1000)
-        new_params = [mlflow.entities.Param(k, str(v)[:500]) for k, v in params.items() if k not in run.data.params]
-        mets = [mlflow.entities.Metric(k, float(v), ts, 0) for k, v in metrics.items() if not math.isnan(float(v))]
-        client.log_batch(run_id, metrics=mets, params=new_params, tags=[])
-        for p in artifacts:
-            if Path(p).is_file():
-                # One folder per step: evaluate writes metrics.json / roc.png for each split under the same names.
-                client.log_artifact(run_id, str(p), artifact_path=Path(p).parent.name)
-        client.set_terminated(run_id, status)
-    except Exception as e:
-        logger.warning("MLflow parent run could not be finished (%s); results stay in output_dir.", e)
-
-
 def flat_metrics(metrics_json: str | os.PathLike, prefix: str) -> dict[str, float]:
     """``metrics.json`` of the evaluate workflow -> ``{prefix+metric: value, ..._ci_low, ..._ci_high}``."""
     m = json.loads(Path(metrics_json).read_text())["metrics"]
@@ -203,7 +184,10 @@ def run_pipeline(parser: Any) -> dict[str, Any]:
     state = _read_state(out)
     done: dict[str, Any] = state.setdefault("done", {})
 
-    parent = open_parent_run(uri, experiment, get("run_name"), state.get("parent_run_id"), get("mlflow_parent_run_id"))
+    parent = None
+    if is_rank0():
+        parent = open_parent_run(uri, experiment, get("run_name"), state.get("parent_run_id"), get("mlflow_parent_run_id"))
+    parent = broadcast_object(parent)
     state["parent_run_id"] = parent
     _write_state(out, state)
     common = {"tracking_uri": uri, "mlflow_parent_run_id": parent, **forward}
@@ -260,6 +244,8 @@ def run_pipeline(parser: Any) -> dict[str, Any]:
             _write_state(out, state)
         artifacts.append(out / "training_curves.png")
         best = out / "models" / "model.pt"
+        # Evaluation is a one-off report: rank 0 runs it as a single process (no multi-GPU overlay), the rest wait.
+        eval_overlays = [o for o in overlays if not Path(o).name.startswith("multi_gpu")]
         for split in get("eval_splits") or []:
             n = _split_size(datalist, split)
             if n == 0:
@@ -267,27 +253,33 @@ def run_pipeline(parser: Any) -> dict[str, Any]:
                 continue
             edir = out if split == "test" else out / split
             step = f"evaluate_{split}"
-            if step not in done:
+            if step not in done and is_rank0():
                 print(f"== FFCL evaluate on {split} ({n} images, once, bootstrap 95% CIs) ==", flush=True)
                 ts = time.time()
                 run_step(
-                    ["common.yaml", "evaluate.yaml", *overlays],
+                    ["common.yaml", "evaluate.yaml", *eval_overlays],
                     {**common, "output_dir": str(edir), "checkpoint": str(best), "eval_split": split,
                      "run_name": step, "evaluate#report#prefix": f"{split}_"},
                 )
                 timings[step] = time.time() - ts
                 done[step] = str(edir / "metrics.json")
                 _write_state(out, state)
-            metrics.update(flat_metrics(done[step], f"{split}_"))
-            artifacts += [edir / "metrics.json", edir / "roc.png"]
+            if is_rank0():
+                metrics.update(flat_metrics(done[step], f"{split}_"))
+                artifacts += [edir / "metrics.json", edir / "roc.png"]
+        barrier()
         status = "FINISHED"
     finally:
         state["wall_s"] = state.get("wall_s", 0.0) + (time.time() - t0)
         _write_state(out, state)
         metrics["wall_s"] = state["wall_s"]
-        _finish_parent(uri, parent, params, metrics, artifacts, status)
+        if is_rank0():
+            # one artifact folder per step: evaluate writes metrics.json / roc.png for each split under the same names
+            close_parent_run(uri, parent, status, params, metrics, [(p, Path(p).parent.name) for p in artifacts])
     summary = {"output_dir": str(out), "stages": stages, "init": init, "parent_run_id": parent,
                "metrics": metrics, "seconds": state.get("seconds", {}), "wall_s": state["wall_s"]}
+    if not is_rank0():
+        return summary
     atomic_write_text(out / "pipeline_summary.json", json.dumps(summary, indent=2, default=str))
     print(f"== FFCL pipeline done in {state['wall_s']:.0f} s: {out}/pipeline_summary.json; "
           f"MLflow: mlflow ui --backend-store-uri {uri}", flush=True)

@@ -83,3 +83,27 @@ def test_resume_checkpoint_is_a_snapshot_of_the_epoch_end(tmp_path):
     assert ckpt["trainer"]["epoch"] == 2
     assert torch.equal(ckpt["model"]["weight"], seen[2])
     assert not list(path.parent.glob("*.tmp"))
+
+
+def test_sigterm_marks_the_mlflow_run_killed_and_keeps_the_checkpoints(tmp_path):
+    """A scheduler's SIGTERM (preemption, `scancel`, torchrun) ends the run cleanly: exit code 143, the MLflow run
+    KILLED rather than RUNNING forever, the resume checkpoint complete and loadable."""
+    import mlflow
+
+    datalist = make_2d(tmp_path / "data", counts=(24, 4, 4))
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(datalist, out, "--max_epochs", "200"), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    resume_ckpt = out / "checkpoints" / "resume.pt"
+    deadline = time.time() + 600
+    while not resume_ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert resume_ckpt.exists(), "the run did not finish an epoch"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlruns.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert [r.info.status for r in runs] == ["KILLED"]
+    ckpt = torch.load(resume_ckpt, weights_only=True)
+    assert ckpt["trainer"]["epoch"] >= 1
+    assert not list((out / "checkpoints").glob("*.tmp"))

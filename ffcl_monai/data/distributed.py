@@ -138,6 +138,15 @@ def barrier(device: torch.device | str | None = None) -> None:
         dist.barrier()
 
 
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` itself without a process group), e.g. an MLflow run id."""
+    if dist.is_available() and dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
 def teardown() -> None:
     """``finalize`` of the overlays: wait until every rank is done (rank 0 may still be writing checkpoints)."""
     if dist.is_available() and dist.is_initialized():

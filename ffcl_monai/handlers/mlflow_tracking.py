@@ -14,8 +14,11 @@ never kills a week-long run.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -71,6 +74,38 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> str:
 
 def _warn(what: str, e: Exception) -> None:
     warnings.warn(f"MLflow {what} failed ({type(e).__name__}: {e}); training continues, local copies are in output_dir.")
+
+
+# Runs started by SafeMLFlowHandler in this process and not closed yet (run id -> client). A run that a crash,
+# Ctrl-C or a scheduler's SIGTERM ends is marked FAILED / KILLED at exit instead of staying RUNNING in the UI forever.
+_OPEN_RUNS: dict[str, Any] = {}
+_EXIT_STATUS = {"status": "FAILED"}
+
+
+def _end_open_runs() -> None:
+    for run_id, client in list(_OPEN_RUNS.items()):
+        try:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, _EXIT_STATUS["status"])
+        except Exception:  # the store may be gone at exit; nothing more to do
+            pass
+    _OPEN_RUNS.clear()
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    # SystemExit unwinds like an error: finally blocks and engine exception handlers run, background checkpoint
+    # writes finish (non-daemon threads), then the atexit hook marks the open runs KILLED.
+    _EXIT_STATUS["status"] = "KILLED"
+    raise SystemExit(128 + signum)
+
+
+def _watch_run(run_id: str, client: Any) -> None:
+    if not _OPEN_RUNS and not getattr(_watch_run, "installed", False):
+        atexit.register(_end_open_runs)
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        _watch_run.installed = True  # type: ignore[attr-defined]
+    _OPEN_RUNS[run_id] = client
 
 
 class SafeMLFlowHandler(MLFlowHandler):
@@ -151,6 +186,8 @@ class SafeMLFlowHandler(MLFlowHandler):
                     self.experiment.experiment_id, run_name=name, tags={PARENT_TAG: self.parent_run_id}
                 )
             super().start(engine)
+            if self.cur_run:
+                _watch_run(self.cur_run.info.run_id, self.client)
         except Exception as e:
             raise RuntimeError(
                 f"MLflow could not start a run at {os.environ.get('MLFLOW_TRACKING_URI') or getattr(self, 'tracking_uri', '?')}: {e}"
@@ -188,6 +225,8 @@ class SafeMLFlowHandler(MLFlowHandler):
 
     def close(self) -> None:
         self._flush()
+        if self.cur_run:
+            _OPEN_RUNS.pop(self.cur_run.info.run_id, None)
         try:
             super().close()
         except Exception as e:
@@ -282,3 +321,37 @@ def open_parent_run(
     except Exception as e:
         _warn("opening the parent run", e)
         return None
+
+
+def close_parent_run(
+    uri: str,
+    run_id: str | None,
+    status: str,
+    params: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    artifacts: Sequence[tuple[str | os.PathLike, str | None]] = (),
+) -> None:
+    """Finish a parent run opened by :func:`open_parent_run`: add the params it does not have yet, the final metrics
+    (NaN skipped) and ``(file, artifact folder)`` pairs that exist, then set ``status``; warn instead of failing."""
+    if not run_id:
+        return
+    import math
+
+    import mlflow
+
+    try:
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        run = client.get_run(run_id)
+        ts = int(time.time() * 1000)
+        new_params = [mlflow.entities.Param(k, str(v)[:500]) for k, v in _flat_params(params or {}).items()
+                      if k not in run.data.params]
+        mets = [mlflow.entities.Metric(k, float(v), ts, 0) for k, v in (metrics or {}).items()
+                if not math.isnan(float(v))]
+        for i in range(0, max(len(mets), 1), 1000):  # MLflow's limit per log_batch call
+            client.log_batch(run_id, metrics=mets[i : i + 1000], params=new_params if i == 0 else [], tags=[])
+        for path, folder in artifacts:
+            if Path(path).is_file():
+                client.log_artifact(run_id, str(path), artifact_path=folder)
+        client.set_terminated(run_id, status)
+    except Exception as e:
+        _warn("finishing the parent run (results stay in output_dir)", e)
