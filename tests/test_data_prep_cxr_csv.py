@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.__main__ import main
-from data_prep._testing import CHEXPERT_OBS, NIH_FINDINGS, make_chexpert, make_nih
+from data_prep._testing import NIH_FINDINGS, make_chexpert, make_nih
 from data_prep.layouts.chexpert import encode_labels
 
 

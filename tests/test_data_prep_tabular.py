@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from data_prep.__main__ import build_parser, main
 from data_prep._testing import make_image

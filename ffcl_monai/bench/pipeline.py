@@ -3,7 +3,7 @@
 Contenders, measured side by side in one process, one epoch each, alternating (warm-up epochs first, then the median):
     - ``end_to_end``: the bundle's own ``train.yaml`` workflow (``common.yaml`` + ``train.yaml`` [+ ``3d.yaml``]) built
       by ``monai.bundle.ConfigWorkflow`` exactly as ``python -m monai.bundle run`` builds it: CacheDataset of the
-      deterministic prefix, random augmentations, ThreadDataLoader, ``SupervisedTrainer`` and every training handler
+      deterministic prefix, random augmentations, the ``loader_class`` loader, ``SupervisedTrainer`` and every training handler
       (seeding, NaN guard, LR schedule, history, resume checkpoint, stats, MLflow). Epochs >= 2 only (the cache is
       built before epoch 1; epoch 1 is a warm-up).
     - ``model_only``: the same network, optimizer, loss and batch size on pre-made batches of tensors already on the

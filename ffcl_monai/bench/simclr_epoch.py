@@ -4,7 +4,7 @@ Contenders (each one epoch over the same ``n`` volumes, same batch size, same Co
 is a warm-up, then the median of the repeats):
     - ``project``: the bundle's own workflow, ``common.yaml`` + ``pretrain_simclr.yaml`` + ``3d.yaml`` built by
       ``monai.bundle.ConfigWorkflow`` as ``python -m monai.bundle run`` builds it: CacheDataset of the deterministic
-      prefix (load, scale, resize: once), two views per image drawn on the fly (``TwoViewd``), ThreadDataLoader,
+      prefix (load, scale, resize: once), two views per image drawn on the fly (``TwoViewd``), the ``loader_class`` loader,
       ``TwoViewTrainer`` (one forward over both views), NT-Xent, and all of the workflow's handlers.
     - ``seed_style``: a loop in the style of seed 001: a torch ``Dataset`` that reloads and preprocesses the NIfTI file
       every step (no cache), the same two augmentation pipelines, ``torch.utils.data.DataLoader`` (no workers), one
