@@ -8,6 +8,7 @@ trainable parameters and loads weights safely.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 import sys
@@ -83,21 +84,13 @@ def save_resolved_config(output_dir: str | os.PathLike, name: str = "config_reso
     Called from a config's ``initialize``; the running ConfigParser is taken from the call stack, so what is saved
     is exactly what runs.
     """
-    from monai.bundle import ConfigParser
-
-    path = Path(output_dir) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
     parser = _find_parser()
     content = parser.get() if parser is not None else {"argv": sys.argv}
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks may write at once
-    ConfigParser.export_config_file(content, str(tmp), fmt="json", indent=2, default=str)
-    os.replace(tmp, path)
-    return str(path)
+    return str(atomic_write_text(Path(output_dir) / name, json.dumps(content, indent=2, default=str)))
 
 
 def save_dataset_summary(output_dir: str | os.PathLike, datalist: str, class_names: list[str] | None = None) -> str:
     """Write counts per split and class (never paths or patient identifiers) to ``dataset_summary.json``."""
-    import json
 
     from ffcl_monai.data.datalist import split_summary
 

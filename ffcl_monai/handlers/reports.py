@@ -8,6 +8,7 @@ cached tensors carry no metadata (``track_meta=False``), so the position is the 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -44,6 +45,15 @@ def _relative(path: str, base: str | None) -> str:
         except ValueError:
             pass
     return os.path.basename(path)
+
+
+def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """CSV content (written through :func:`atomic_write_text`, so a crash never leaves half a file)."""
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
 
 
 def format_metrics_table(metrics: dict[str, dict[str, float]], keys: Sequence[str] = HEADLINE) -> str:
@@ -151,18 +161,15 @@ class TestReport:
             {"task": self.task, "class_names": self.class_names, "n": int(len(labels)), "n_bootstrap": self.n_bootstrap,
              "ci": 0.95, "metrics": self.metrics}, indent=2))
         pred_path = self.dir / "predictions.csv"
-        tmp = pred_path.with_name(f"{pred_path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["image", "label", "predicted", *[f"prob_{c}" for c in self.class_names]])
-            for item, p, y in zip(self.data, probs, labels):
-                predicted = (
-                    "|".join(c for c, v in zip(self.class_names, p) if v >= 0.5) if self.task == "multilabel"
-                    else self.class_names[int(np.argmax(p))]
-                )
-                label = "|".join(str(int(v)) for v in np.atleast_1d(y)) if self.task == "multilabel" else int(y)
-                w.writerow([_relative(item["image"], self.datalist_dir), label, predicted, *[f"{v:.6f}" for v in p]])
-        os.replace(tmp, pred_path)
+        rows = []
+        for item, p, y in zip(self.data, probs, labels):
+            predicted = (
+                "|".join(c for c, v in zip(self.class_names, p) if v >= 0.5) if self.task == "multilabel"
+                else self.class_names[int(np.argmax(p))]
+            )
+            label = "|".join(str(int(v)) for v in np.atleast_1d(y)) if self.task == "multilabel" else int(y)
+            rows.append([_relative(item["image"], self.datalist_dir), label, predicted, *[f"{v:.6f}" for v in p]])
+        atomic_write_text(pred_path, _csv_text(["image", "label", "predicted", *[f"prob_{c}" for c in self.class_names]], rows))
         files = [metrics_path, pred_path]
         values = {k: m["value"] for k, m in self.metrics.items()}
         files.append(plot_roc(probs, labels, self.task, self.class_names, self.dir / "roc.png", values))
@@ -200,11 +207,6 @@ class InferenceWriter:
             for item, p in zip(self.data, probs)
         ]
         atomic_write_text(self.dir / "inference.json", json.dumps(rows, indent=2))
-        tmp = self.dir / "inference.csv.tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["image", *self.class_names])
-            for r in rows:
-                w.writerow([r["image"], *[f"{r[c]:.6f}" for c in self.class_names]])
-        os.replace(tmp, self.dir / "inference.csv")
+        atomic_write_text(self.dir / "inference.csv", _csv_text(
+            ["image", *self.class_names], [[r["image"], *[f"{r[c]:.6f}" for c in self.class_names]] for r in rows]))
         print(f"class probabilities for {len(rows)} image(s): {self.dir / 'inference.csv'}", flush=True)
