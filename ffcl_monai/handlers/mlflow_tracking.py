@@ -79,7 +79,7 @@ def _warn(what: str, e: Exception) -> None:
 # Runs started by SafeMLFlowHandler in this process and not closed yet (run id -> client). A run that a crash,
 # Ctrl-C or a scheduler's SIGTERM ends is marked FAILED / KILLED at exit instead of staying RUNNING in the UI forever.
 _OPEN_RUNS: dict[str, Any] = {}
-_EXIT_STATUS = {"status": "FAILED"}
+_EXIT_STATUS: dict[str, Any] = {"status": "FAILED", "hooks_installed": False}
 
 
 def _end_open_runs() -> None:
@@ -100,12 +100,18 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 
 def _watch_run(run_id: str, client: Any) -> None:
-    if not _OPEN_RUNS and not getattr(_watch_run, "installed", False):
+    if not _EXIT_STATUS.get("hooks_installed"):
         atexit.register(_end_open_runs)
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
             signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        _watch_run.installed = True  # type: ignore[attr-defined]
+        _EXIT_STATUS["hooks_installed"] = True
     _OPEN_RUNS[run_id] = client
+
+
+def _log_batch(client: Any, run_id: str, metrics: Sequence[Any], params: Sequence[Any] = ()) -> None:
+    """``client.log_batch`` in chunks of MLflow's limit of 1000 metrics per call (params go with the first)."""
+    for i in range(0, max(len(metrics), 1), 1000):
+        client.log_batch(run_id, metrics=list(metrics[i : i + 1000]), params=list(params) if i == 0 else [], tags=[])
 
 
 class SafeMLFlowHandler(MLFlowHandler):
@@ -155,8 +161,7 @@ class SafeMLFlowHandler(MLFlowHandler):
             return
         batch, self._buffer = self._buffer, []
         try:
-            for i in range(0, len(batch), 1000):  # MLflow's limit per log_batch call
-                self.client.log_batch(run_id=self.cur_run.info.run_id, metrics=batch[i : i + 1000])
+            _log_batch(self.client, self.cur_run.info.run_id, batch)
         except Exception as e:
             _warn("metric logging", e)
 
@@ -279,7 +284,7 @@ def log_report(
             if isinstance(v, (int, float)) and not math.isnan(float(v))
         ]
         param_objs = [mlflow.entities.Param(k, v) for k, v in _flat_params(params or {}).items()]
-        client.log_batch(run_id, metrics=metric_objs, params=param_objs, tags=[])
+        _log_batch(client, run_id, metric_objs, param_objs)
         for path in artifacts:
             if path and os.path.exists(path):
                 client.log_artifact(run_id, str(path))
@@ -347,8 +352,7 @@ def close_parent_run(
                       if k not in run.data.params]
         mets = [mlflow.entities.Metric(k, float(v), ts, 0) for k, v in (metrics or {}).items()
                 if not math.isnan(float(v))]
-        for i in range(0, max(len(mets), 1), 1000):  # MLflow's limit per log_batch call
-            client.log_batch(run_id, metrics=mets[i : i + 1000], params=new_params if i == 0 else [], tags=[])
+        _log_batch(client, run_id, mets, new_params)
         for path, folder in artifacts:
             if Path(path).is_file():
                 client.log_artifact(run_id, str(path), artifact_path=folder)
