@@ -238,6 +238,7 @@ def create_ff_trainer(
         top = current_layer(engine)
         first = 0 if schedule == "simultaneous" else top
         eye = torch.eye(m, device=dev)
+        h_all = None  # layer-0 activations for every label, when hard negatives computed them anyway
         with _autocast(dev, amp):
             if negatives == "other_sample":
                 j = other_sample_index(y)
@@ -245,7 +246,6 @@ def create_ff_trainer(
                 codes = eye[torch.cat([y, y])][:, None, :]  # (2B, 1, m)
             else:
                 upto = top if hard_layers <= 0 else min(hard_layers - 1, top)
-                h_all = None
                 if negatives == "wrong_label":
                     y_neg = wrong_labels(y, m)
                 elif upto == 0 and first == 0:
@@ -260,7 +260,7 @@ def create_ff_trainer(
                 xs = x
                 codes = torch.stack([eye[y], eye[y_neg]], 1)  # (B, 2, m)
             if first == 0:
-                if negatives != "other_sample" and h_all is not None:
+                if h_all is not None:  # hard negatives scored by layer 0: reuse its all-label activations
                     h = h_all[torch.arange(len(y), device=dev)[:, None], torch.stack([y, y_neg], 1)]  # (B, 2, H)
                 else:
                     h = net.first_layer(xs, codes)
