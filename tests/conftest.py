@@ -78,6 +78,19 @@ def make_3d(root: Path, counts=(8, 4, 4), size: int = 16, seed: int = 0) -> Path
     return write_datalist(root, splits, spatial_dims=3, labels={"0": "absent", "1": "present"})
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module: small CPU kernels on a shared 2-core machine run many times faster
+    without OpenMP threads spinning against other processes. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny2d(tmp_path_factory) -> Path:
     return make_2d(tmp_path_factory.mktemp("tiny2d"))

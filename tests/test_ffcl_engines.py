@@ -21,14 +21,7 @@ from ffcl_monai.networks.checkpoints import load_backbone
 from ffcl_monai.networks.classifier import Classifier
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small CPU kernels on a shared 2-core machine run many times faster on one thread than with OpenMP spinning
-    # against other processes.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _data(n=8, size=16, spatial_dims=2, seed=0):

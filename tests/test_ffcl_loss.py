@@ -10,14 +10,7 @@ import torch.nn.functional as F
 from ffcl_monai.losses.ffcl_pair import FFCLPairLoss, ffcl_pair_loss, same_class_mask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small CPU kernels on a shared 2-core machine run many times faster on one thread than with OpenMP spinning
-    # against other processes.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def eq1(e1: torch.Tensor, e2: torch.Tensor, c1, c2) -> torch.Tensor:

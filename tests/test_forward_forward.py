@@ -33,13 +33,7 @@ from ffcl_monai.losses.forward_forward import (
 from ffcl_monai.networks.forward_forward import FFNet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one thread avoids OpenMP barrier stalls on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sig(z: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from ffcl_monai import bundle_root
 
@@ -14,12 +13,7 @@ CONFIGS = [os.path.join(bundle_root(), "configs", "common.yaml"), os.path.join(b
 SAMPLE = os.path.join(bundle_root(), "sample", "kermany64", "datalist.json")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.skipif(not os.path.isfile(SAMPLE), reason="embedded sample datalist missing")

@@ -48,12 +48,7 @@ def torchvision_resnet_state(layers: list[int], bottleneck: bool, seed: int = 0)
     return sd
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_resnet18_file_grayscale_and_rgb(tmp_path):
