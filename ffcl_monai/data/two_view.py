@@ -33,6 +33,9 @@ from monai.utils.module import locate
 from ffcl_monai.data.transforms import cached_dataset
 
 
+NOISE = "ffcl_monai.data.transforms.RandGaussianNoiseTorchd"  # RandGaussianNoised drawn by torch, on the device
+
+
 def _size(image_size: Sequence[int], frac: float) -> list[int]:
     return [max(1, int(round(frac * s))) for s in image_size]
 
@@ -44,16 +47,19 @@ def default_augment(spatial_dims: int, image_size: Sequence[int]) -> dict[str, d
     Gaussian blur, coarse dropout. No colour: images are grayscale. 3D: random resized crop, flips on every axis,
     3D affine, intensity scale/shift and noise.
     """
+    # The views arrive at image_size (resized prefix, crop then resize): with a fixed output size RandAffined
+    # keeps its identity grid instead of rebuilding it for every view.
+    fixed_grid = {"spatial_size": list(image_size), "cache_grid": True}
     if spatial_dims == 2:
         return {
             "crop": {"transform": "RandScaleCropd", "roi_scale": 0.4, "max_roi_scale": 1.0, "random_size": True},
             "resize": {"transform": "Resized", "spatial_size": list(image_size), "mode": "area"},
             "flip": {"transform": "RandFlipd", "prob": 0.5, "spatial_axis": 1},
             "affine": {"transform": "RandAffined", "prob": 0.5, "rotate_range": 0.17, "scale_range": 0.1,
-                       "padding_mode": "zeros"},
+                       "padding_mode": "zeros", **fixed_grid},
             "contrast": {"transform": "RandAdjustContrastd", "prob": 0.8, "gamma": [0.6, 1.6]},
             "brightness": {"transform": "RandScaleIntensityd", "prob": 0.8, "factors": 0.3},
-            "noise": {"transform": "RandGaussianNoised", "prob": 0.3, "std": 0.05},
+            "noise": {"transform": NOISE, "prob": 0.3, "std": 0.05},
             "blur": {"transform": "RandGaussianSmoothd", "prob": 0.3, "sigma_x": [0.2, 1.0], "sigma_y": [0.2, 1.0]},
             "dropout": {"transform": "RandCoarseDropoutd", "prob": 0.5, "holes": 1, "max_holes": 3,
                         "spatial_size": _size(image_size, 0.125), "max_spatial_size": _size(image_size, 0.25),
@@ -67,10 +73,10 @@ def default_augment(spatial_dims: int, image_size: Sequence[int]) -> dict[str, d
             "flip1": {"transform": "RandFlipd", "prob": 0.5, "spatial_axis": 1},
             "flip2": {"transform": "RandFlipd", "prob": 0.5, "spatial_axis": 2},
             "affine": {"transform": "RandAffined", "prob": 0.5, "rotate_range": [0.17, 0.17, 0.17],
-                       "scale_range": [0.1, 0.1, 0.1], "padding_mode": "zeros"},
+                       "scale_range": [0.1, 0.1, 0.1], "padding_mode": "zeros", **fixed_grid},
             "scale_intensity": {"transform": "RandScaleIntensityd", "prob": 0.8, "factors": 0.2},
             "shift_intensity": {"transform": "RandShiftIntensityd", "prob": 0.8, "offsets": 0.1},
-            "noise": {"transform": "RandGaussianNoised", "prob": 0.3, "std": 0.03},
+            "noise": {"transform": NOISE, "prob": 0.3, "std": 0.03},
         }
     raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}; set the `spatial_dims` config key.")
 
