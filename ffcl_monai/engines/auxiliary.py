@@ -21,6 +21,7 @@ from monai.transforms import MapTransform
 from torch import nn
 from torch.optim import Optimizer
 
+from ffcl_monai.engines.precision import Precision
 from ffcl_monai.losses.auxiliary import MaskedMultiHeadLoss, parse_heads
 
 
@@ -69,6 +70,9 @@ class AuxiliaryTrainer(Trainer):
     ``network(image) -> {field: prediction}``; ``loss_function(preds, targets) -> scalar`` (a
     :class:`MaskedMultiHeadLoss`). Output: ``{"loss", "loss_<field>" ...}``; per-epoch means of every head's loss
     and the learning rate go to ``engine.state.metrics`` before the user's handlers run.
+
+    ``amp`` turns autocast on in ``amp_dtype`` (``bfloat16``, or ``float16`` with a gradient scaler kept as
+    ``self.scaler``; :class:`~ffcl_monai.engines.precision.Precision`).
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class AuxiliaryTrainer(Trainer):
         amp: bool = False,
         train_handlers: Sequence | None = None,
         epoch_length: int | None = None,
+        amp_dtype: str | torch.dtype = "bfloat16",
     ) -> None:
         super().__init__(device=device, max_epochs=max_epochs, data_loader=train_data_loader,
                          epoch_length=epoch_length, amp=amp, decollate=False)
@@ -90,6 +95,8 @@ class AuxiliaryTrainer(Trainer):
         self.optimizer = optimizer
         self.loss_function = loss_function
         self.image_key = image_key
+        self.precision = Precision(self.state.device, amp, amp_dtype)
+        self.scaler = self.precision.scaler  # where MONAI's trainers keep theirs (ResumeHandler saves it)
         self._sums: dict[str, float] = {}
         self._counts: dict[str, float] = {}
         self.add_event_handler(Events.EPOCH_STARTED, self._reset)
@@ -98,7 +105,7 @@ class AuxiliaryTrainer(Trainer):
             self._register_handlers(train_handlers)
 
     def run(self) -> None:  # type: ignore[override]
-        super(Trainer, self).run()  # bf16 autocast: no GradScaler
+        super(Trainer, self).run()  # not Trainer.run: its CUDA GradScaler would replace self.precision's
 
     def _reset(self, engine: Engine) -> None:
         self._sums, self._counts = {}, {}
@@ -117,12 +124,10 @@ class AuxiliaryTrainer(Trainer):
         self._lr = self.optimizer.param_groups[0]["lr"]
         self.network.train()
         self.optimizer.zero_grad(set_to_none=True)
-        device_type = device.type if isinstance(device, torch.device) else "cpu"
-        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bool(self.amp)):
+        with self.precision.autocast():
             preds = self.network(x)
             loss = self.loss_function(preds, targets)
-        loss.backward()
-        self.optimizer.step()
+        self.precision.backward_step(loss, self.optimizer)
         out: dict[str, Any] = {"loss": loss.detach()}
         for name in self.loss_function.heads:
             n = self.loss_function.last.get(f"known_{name}", 0.0)

@@ -16,8 +16,9 @@ Both put ``{"loss": ..., ...}`` in ``engine.state.output`` and write per-epoch m
 (``local_loss`` and ``local_loss_<block>`` / ``global_loss``) *before* any handler from the config runs, so MONAI's
 ``MLFlowHandler``/``StatsHandler`` log them per epoch.
 
-Mixed precision: ``amp`` runs the forward pass under bf16 autocast; the default ``None`` turns it on only on CUDA.
-bf16 needs no GradScaler. The Eq. 1 loss is always computed in float32.
+Mixed precision: ``amp`` runs the forward pass under autocast in ``amp_dtype``; the default ``None`` turns it on only
+on CUDA. ``bfloat16`` (default) needs no GradScaler; ``float16`` adds one (:class:`~ffcl_monai.engines.precision.Precision`,
+kept as ``self.scaler``). The Eq. 1 loss is always computed in float32.
 
 Distributed: when ``torch.distributed`` is initialised (torchrun), the local trainer wraps *each block* in
 ``DistributedDataParallel`` (the engine calls blocks one by one through ``forward_blocks``, which would bypass a DDP
@@ -39,11 +40,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
-from monai.engines import SupervisedTrainer
+from monai.engines import SupervisedTrainer, Trainer
 from monai.engines.utils import default_prepare_batch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ffcl_monai.engines.precision import Precision
 from ffcl_monai.losses.ffcl_pair import FFCLPairLoss
 from ffcl_monai.networks.backbones import Backbone
 from ffcl_monai.networks.checkpoints import load_backbone, save_backbone
@@ -68,7 +70,7 @@ __all__ = [
 
 
 def default_amp(device: torch.device | str | None) -> bool:
-    """bf16 autocast is on by default only on CUDA (CPU bf16 is slower than fp32 on most CPUs)."""
+    """Autocast is on by default only on CUDA (CPU bf16 is slower than fp32 on most CPUs)."""
     return device is not None and torch.device(device).type == "cuda"
 
 
@@ -137,15 +139,27 @@ class EpochMeans:
 
 
 class _ContrastiveTrainerBase(SupervisedTrainer):
-    """Shared set-up: bf16 autocast flag, epoch means registered before the config's handlers."""
+    """Shared set-up: mixed precision (``self.precision``), epoch means registered before the config's handlers."""
 
     epoch_means: EpochMeans
 
-    def __init__(self, *args: Any, amp: bool | None = None, train_handlers: Sequence | None = None, **kwargs: Any):
-        # MONAI's own `amp` means fp16 + GradScaler; bf16 needs neither, so the flag is kept separately.
+    def __init__(self, *args: Any, amp: bool | None = None, amp_dtype: str | torch.dtype = "bfloat16",
+                 train_handlers: Sequence | None = None, **kwargs: Any):
+        # MONAI's own `amp` autocasts "cuda" only and always adds a CUDA GradScaler; self.precision does both for the
+        # training device and dtype instead, so MONAI's flag stays off.
         super().__init__(*args, amp=False, decollate=False, train_handlers=train_handlers, **kwargs)
-        self.bf16 = default_amp(self.state.device) if amp is None else bool(amp)
+        self.precision = Precision(self.state.device, default_amp(self.state.device) if amp is None else amp, amp_dtype)
+        self.scaler = self.precision.scaler  # where MONAI's trainers keep theirs (ResumeHandler saves it)
         self._attach_epoch_means()
+
+    @property
+    def bf16(self) -> bool:
+        """Autocast is on in bfloat16."""
+        return self.precision.enabled and self.precision.dtype == torch.bfloat16
+
+    def run(self) -> None:  # type: ignore[override]
+        # Not Trainer.run: it would reset self.scaler (MONAI's amp flag is off), dropping self.precision's scaler.
+        super(Trainer, self).run()
 
     def _attach_epoch_means(self) -> None:
         if not getattr(self, "_epoch_means_attached", False):
@@ -157,10 +171,6 @@ class _ContrastiveTrainerBase(SupervisedTrainer):
         # Ignite calls handlers in registration order, so ours go first.
         self._attach_epoch_means()
         super()._register_handlers(handlers)
-
-    def _autocast(self) -> torch.autocast:
-        dev = self.state.device.type if isinstance(self.state.device, torch.device) else "cpu"
-        return torch.autocast(device_type=dev, dtype=torch.bfloat16, enabled=self.bf16)
 
     def _batch(self, batchdata: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if batchdata is None:
@@ -188,7 +198,8 @@ class LocalContrastiveTrainer(_ContrastiveTrainerBase):
         optimizer: optimizer over the backbone's parameters (one optimizer is fine: blocks never share gradients).
         loss_function: Eq. 1 module, default :class:`FFCLPairLoss()`.
         schedule: ``"single_pass"`` or ``"greedy"``.
-        amp: bf16 autocast (default: on only on CUDA).
+        amp: autocast (default: on only on CUDA).
+        amp_dtype: ``bfloat16`` or ``float16`` (adds a gradient scaler); config key ``amp_dtype``.
         ddp_kwargs: extra arguments of the per-block ``DistributedDataParallel`` wrappers under torchrun.
         train_handlers, epoch_length, prepare_batch, non_blocking: as MONAI's ``SupervisedTrainer``.
     """
@@ -203,6 +214,7 @@ class LocalContrastiveTrainer(_ContrastiveTrainerBase):
         loss_function: Callable | None = None,
         schedule: str = "single_pass",
         amp: bool | None = None,
+        amp_dtype: str | torch.dtype = "bfloat16",
         ddp_kwargs: dict[str, Any] | None = None,
         train_handlers: Sequence | None = None,
         epoch_length: int | None = None,
@@ -253,6 +265,7 @@ class LocalContrastiveTrainer(_ContrastiveTrainerBase):
             non_blocking=non_blocking,
             train_handlers=train_handlers,
             amp=amp,
+            amp_dtype=amp_dtype,
             **kwargs,
         )
 
@@ -269,7 +282,7 @@ class LocalContrastiveTrainer(_ContrastiveTrainerBase):
         self.optimizer.zero_grad(set_to_none=True)
         if self.schedule == "single_pass":
             self.network.train()
-            with self._autocast():
+            with self.precision.autocast():
                 embs = self.runner.block_embeddings(inputs, detach_inputs=True)
             losses = [self.loss_function(e, targets) for e in embs]
             names = self.block_names
@@ -279,15 +292,14 @@ class LocalContrastiveTrainer(_ContrastiveTrainerBase):
             losses, names = [self._greedy_block_loss(inputs, targets, k)], [self.block_names[k]]
         # The sum gives every block exactly its own gradient (disjoint graphs); the logged "loss" is the mean so that
         # it reads on the same 0..1 scale as each block's Eq. 1 value.
-        torch.stack(losses).sum().backward()
-        self.optimizer.step()
+        self.precision.backward_step(torch.stack(losses).sum(), self.optimizer)
         out: dict[str, Any] = {f"loss_{n}": float(l.detach()) for n, l in zip(names, losses)}
         out["loss"] = sum(out.values()) / len(losses)
         return out
 
     def _greedy_block_loss(self, inputs: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
         blocks = self.runner.blocks
-        with self._autocast():
+        with self.precision.autocast():
             x = inputs
             with torch.no_grad():
                 for i in range(k):
@@ -343,6 +355,7 @@ class GlobalContrastiveTrainer(_ContrastiveTrainerBase):
         optimizer: torch.optim.Optimizer,
         loss_function: Callable | None = None,
         amp: bool | None = None,
+        amp_dtype: str | torch.dtype = "bfloat16",
         ddp_kwargs: dict[str, Any] | None = None,
         train_handlers: Sequence | None = None,
         epoch_length: int | None = None,
@@ -368,6 +381,7 @@ class GlobalContrastiveTrainer(_ContrastiveTrainerBase):
             non_blocking=non_blocking,
             train_handlers=train_handlers,
             amp=amp,
+            amp_dtype=amp_dtype,
             **kwargs,
         )
 
@@ -375,11 +389,10 @@ class GlobalContrastiveTrainer(_ContrastiveTrainerBase):
         inputs, targets = self._batch(batchdata)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
+        with self.precision.autocast():
             emb = self.runner(inputs)
         loss = self.loss_function(emb, targets)
-        loss.backward()
-        self.optimizer.step()
+        self.precision.backward_step(loss, self.optimizer)
         return {"loss": float(loss.detach())}
 
 

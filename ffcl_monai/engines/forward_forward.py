@@ -31,7 +31,6 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -40,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
+from ffcl_monai.engines.precision import Precision
 from ffcl_monai.losses.forward_forward import get_ff_loss
 from ffcl_monai.networks.forward_forward import FFNet
 
@@ -160,14 +160,9 @@ def other_sample_index(y: torch.Tensor, tries: int = 4) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------ trainer
-def _autocast(device: torch.device, amp: bool):
-    """bf16 autocast when ``amp`` (meant for GPUs; on CPU it is off unless asked for)."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp else nullcontext()
-
-
 def create_ff_trainer(
     net: FFNet,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
     schedule: str = "simultaneous",
     epochs_per_layer: int = 10,
     loss: str = "softplus",
@@ -180,13 +175,15 @@ def create_ff_trainer(
     lr_schedule: str = "constant",
     amp: bool = False,
     device: str | torch.device | None = None,
+    amp_dtype: str | torch.dtype = "bfloat16",
 ) -> Engine:
     """Ignite engine that trains ``net`` with the Forward-Forward algorithm on ``(x, y)`` minibatches.
 
     Args:
         net: the :class:`FFNet` (already on ``device``).
-        optimizer: one optimiser over all layers. Layers never share a gradient (inputs are detached and frozen
-            layers get ``grad=None``), so one Adam is the same as one Adam per layer.
+        optimizer: one optimiser over all layers, or a sequence of them (e.g. one per layer). Layers never share a
+            gradient (inputs are detached and frozen layers get ``grad=None``), so one Adam is the same as one Adam
+            per layer.
         schedule: ``"greedy"`` or ``"simultaneous"`` (module docstring).
         epochs_per_layer: greedy epochs per layer (ignored by ``simultaneous``; run that for any ``max_epochs``).
         loss: name in :data:`~ffcl_monai.losses.forward_forward.FF_LOSSES`.
@@ -199,8 +196,10 @@ def create_ff_trainer(
         max_shift: random translation augmentation in pixels (0 = off).
         lr_schedule: ``"constant"`` or ``"cosine"`` (annealed to 0 over the run; per layer for greedy). Needs
             ``engine.run(..., max_epochs=...)`` to know the length.
-        amp: bf16 autocast for the matmuls (goodness and losses stay float32).
+        amp: autocast for the matmuls (goodness and losses stay float32).
         device: where batches are moved (defaults to the net's device).
+        amp_dtype: ``bfloat16`` or ``float16``; float16 adds one gradient scaler shared by all optimizers
+            (:meth:`~ffcl_monai.engines.precision.Precision.step` says why one), as ``engine.scaler``.
 
     Returns:
         The engine; run it with ``engine.run(TensorBatches(...), max_epochs=...)``. For ``greedy`` use
@@ -220,7 +219,10 @@ def create_ff_trainer(
     dev = torch.device(device) if device is not None else next(net.parameters()).device
     n_layers = len(net.layers)
     m = net.num_classes
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+    groups = [g for opt in optimizers for g in opt.param_groups]
+    base_lrs = [g["lr"] for g in groups]
+    precision = Precision(dev, amp, amp_dtype)
 
     def current_layer(engine: Engine) -> int:
         """Greedy: the layer this epoch trains; simultaneous: the last layer (all are trained)."""
@@ -239,7 +241,7 @@ def create_ff_trainer(
         first = 0 if schedule == "simultaneous" else top
         eye = torch.eye(m, device=dev)
         h_all = None  # layer-0 activations for every label, when hard negatives computed them anyway
-        with _autocast(dev, amp):
+        with precision.autocast():
             if negatives == "other_sample":
                 j = other_sample_index(y)
                 xs = torch.cat([x, x[j]], 0)
@@ -283,9 +285,11 @@ def create_ff_trainer(
             gp.append(g_pos.detach().mean())
             gn.append(g_neg.detach().mean())
         total = torch.stack(losses).sum()
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        # One backward of the summed (and, with fp16, scaled) losses gives every layer its own gradient, all with the
+        # same loss scale; hence one scaler shared by the optimizers, each stepped, then one scale update per step.
+        precision.backward_step(total, optimizers)
         layers = [li for li, _ in trained]
         return {
             "loss": total.detach(),
@@ -296,6 +300,7 @@ def create_ff_trainer(
         }
 
     engine = Engine(_timed(step))
+    engine.precision, engine.scaler = precision, precision.scaler  # type: ignore[attr-defined]
     _attach_epoch_metrics(engine, n_layers)
 
     if lr_schedule == "cosine":
@@ -314,7 +319,7 @@ def create_ff_trainer(
                 phase_epochs, e_in = total_epochs, engine.state.epoch - 1
             it_in = (engine.state.iteration - 1) % per
             t = (e_in * per + it_in) / max(phase_epochs * per, 1)
-            for g, lr0 in zip(optimizer.param_groups, base_lrs):
+            for g, lr0 in zip(groups, base_lrs):
                 g["lr"] = 0.5 * lr0 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
     return engine
@@ -411,18 +416,25 @@ def _attach_epoch_metrics(engine: Engine, n_layers: int) -> None:
 # --------------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def ff_scores(
-    net: FFNet, x: torch.Tensor, skip_first: bool = False, batch_size: int = 1000, amp: bool = False
+    net: FFNet,
+    x: torch.Tensor,
+    skip_first: bool = False,
+    batch_size: int = 1000,
+    amp: bool = False,
+    amp_dtype: str | torch.dtype = "bfloat16",
 ) -> torch.Tensor:
     """Summed goodness of every label for every sample, ``(N, m)``, in chunks of ``batch_size`` images.
 
-    Turn into probabilities with ``softmax`` (a monotone map, so argmax and per-class AUC ranks are unchanged).
+    ``amp`` autocasts the matmuls in ``amp_dtype`` (no scaler: nothing is back-propagated). Turn the scores into
+    probabilities with ``softmax`` (a monotone map, so argmax and per-class AUC ranks are unchanged).
     """
     net.eval()
     dev = next(net.parameters()).device
+    precision = Precision(dev, amp, amp_dtype)
     out = []
     for i in range(0, len(x), batch_size):
         xb = x[i : i + batch_size].to(dev).flatten(1).float()
-        with _autocast(dev, amp):
+        with precision.autocast():
             out.append(net(xb, skip_first=skip_first).float())
     return torch.cat(out)
 
@@ -496,11 +508,17 @@ def create_backprop_trainer(
     image_shape: Sequence[int] | None = None,
     max_shift: int = 0,
     amp: bool = False,
+    amp_dtype: str | torch.dtype = "bfloat16",
 ) -> Engine:
-    """Plain supervised Ignite engine on the same in-memory batches and augmentation as the FF trainer."""
+    """Plain supervised Ignite engine on the same in-memory batches and augmentation as the FF trainer.
+
+    ``amp`` autocasts the forward pass in ``amp_dtype`` (float16 adds a gradient scaler, ``engine.scaler``); the loss
+    is computed in float32.
+    """
     if max_shift > 0 and image_shape is None:
         raise ValueError("`max_shift` > 0 needs `image_shape` (H, W) of the flattened images.")
     dev = next(model.parameters()).device
+    precision = Precision(dev, amp, amp_dtype)
 
     def step(engine: Engine, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         model.train()
@@ -508,14 +526,15 @@ def create_backprop_trainer(
         x = x.to(dev).float()
         if max_shift > 0:
             x = shift_augment(x.flatten(1), image_shape, max_shift)  # type: ignore[arg-type]
-        with _autocast(dev, amp):
-            loss = loss_fn(model(x).float(), y.to(dev).long())
+        with precision.autocast():
+            logits = model(x)
+        loss = loss_fn(logits.float(), y.to(dev).long())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        precision.backward_step(loss, optimizer)
         return {"loss": loss.detach()}
 
     engine = Engine(_timed(step))
+    engine.precision, engine.scaler = precision, precision.scaler  # type: ignore[attr-defined]
     _attach_timer_metrics(engine)
     return engine
 
@@ -546,10 +565,10 @@ def build_network(
 
 def create_trainer(method: str, network: nn.Module, optimizer: torch.optim.Optimizer, **ff_kwargs: Any) -> Engine:
     """:func:`create_ff_trainer` for ``method: ff``, :func:`create_backprop_trainer` (same batches, augmentation and
-    ``amp``) for ``method: backprop``."""
+    ``amp``, ``amp_dtype``) for ``method: backprop``."""
     if method == "ff":
         return create_ff_trainer(network, optimizer, **ff_kwargs)  # type: ignore[arg-type]
-    keep = {k: ff_kwargs[k] for k in ("image_shape", "max_shift", "amp") if k in ff_kwargs}
+    keep = {k: ff_kwargs[k] for k in ("image_shape", "max_shift", "amp", "amp_dtype") if k in ff_kwargs}
     return create_backprop_trainer(network, optimizer, **keep)
 
 

@@ -27,6 +27,7 @@ from monai.engines import Trainer
 from torch import nn
 from torch.optim import Optimizer
 
+from ffcl_monai.engines.precision import Precision
 from ffcl_monai.networks.checkpoints import save_backbone
 
 logger = logging.getLogger(__name__)
@@ -54,8 +55,9 @@ class TwoViewTrainer(Trainer):
         view_keys: the two batch keys holding the views.
         concat_views: one forward pass over both views concatenated (BatchNorm statistics over 2B images, like
             SimCLR's implementation); False = one pass per view (per-view BatchNorm, like Barlow Twins').
-        amp: bf16 autocast on the training device (losses still run in float32, see their docstrings). No gradient
-            scaler: bf16 has float32's exponent range.
+        amp: autocast on the training device (losses still run in float32, see their docstrings).
+        amp_dtype: ``bfloat16`` (no gradient scaler: bf16 has float32's exponent range) or ``float16`` (adds a
+            :class:`torch.amp.GradScaler`, kept as ``self.scaler``); :class:`~ffcl_monai.engines.precision.Precision`.
         train_handlers: MONAI/Ignite handlers.
         epoch_length: iterations per epoch (default: len(loader)).
     """
@@ -74,6 +76,7 @@ class TwoViewTrainer(Trainer):
         train_handlers: Sequence | None = None,
         epoch_length: int | None = None,
         non_blocking: bool = False,
+        amp_dtype: str | torch.dtype = "bfloat16",
     ) -> None:
         super().__init__(
             device=device,
@@ -89,6 +92,8 @@ class TwoViewTrainer(Trainer):
         self.loss_function = loss_function
         self.view_keys = tuple(view_keys)
         self.concat_views = concat_views
+        self.precision = Precision(self.state.device, amp, amp_dtype)
+        self.scaler = self.precision.scaler  # where MONAI's trainers keep theirs (ResumeHandler saves it)
         # Registered before the user's handlers so that metrics["lr"] exists when LR schedulers and MLflow run.
         self.add_event_handler(Events.ITERATION_COMPLETED, self._remember_lr)
         self.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_lr)
@@ -96,7 +101,8 @@ class TwoViewTrainer(Trainer):
             self._register_handlers(train_handlers)
 
     def run(self) -> None:  # type: ignore[override]
-        # MONAI's Trainer.run creates a CUDA GradScaler when amp is on; bf16 needs none.
+        # MONAI's Trainer.run would replace self.scaler with a CUDA GradScaler whenever amp is on; self.precision
+        # owns the scaler (float16 only, on the training device).
         super(Trainer, self).run()
 
     def _remember_lr(self, engine: Engine) -> None:
@@ -104,10 +110,6 @@ class TwoViewTrainer(Trainer):
 
     def _epoch_lr(self, engine: Engine) -> None:
         engine.state.metrics["lr"] = getattr(self, "_lr", float(self.optimizer.param_groups[0]["lr"]))
-
-    def _autocast(self) -> Any:
-        device_type = self.state.device.type if isinstance(self.state.device, torch.device) else "cpu"
-        return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bool(self.amp))
 
     def embed(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(h1, z1, z2) for a batch of view pairs."""
@@ -129,11 +131,10 @@ class TwoViewTrainer(Trainer):
         x1, x2 = (_as_tensor(batchdata[k], device, self.non_blocking) for k in self.view_keys)
         self.network.train()
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
+        with self.precision.autocast():
             h1, z1, z2 = self.embed(x1, x2)
             loss = self.loss_function(z1, z2)
-        loss.backward()
-        self.optimizer.step()
+        self.precision.backward_step(loss, self.optimizer)
         return {"loss": loss.detach(), "h": h1.detach().float(), "z": z1.detach().float()}
 
 

@@ -81,7 +81,10 @@ class ResumeHandler:
     """Save everything needed to continue a run at the end of every epoch; load it at start when ``resume``.
 
     The checkpoint holds state dicts only (weights_only-loadable): network, optimizer, LR scheduler, the trainer's
-    epoch/iteration counters and the validator's best metric, so best-model selection also continues correctly.
+    epoch/iteration counters and the validator's best metric, so best-model selection also continues correctly. When
+    the trainer has an enabled gradient scaler (``engine.scaler``: fp16 autocast, ``amp_dtype: float16``), its loss
+    scale and growth tracker are saved and restored too, so a resumed fp16 run does not restart from the initial
+    scale and skip steps again.
 
     The state is copied at the end of the epoch and written by a background thread (temporary file + rename), so the
     next epoch does not wait for the disk; a write still in flight is finished before the next one starts and when
@@ -122,6 +125,9 @@ class ResumeHandler:
         }
         if self.lr_scheduler is not None:
             payload["lr_scheduler"] = self.lr_scheduler.state_dict()
+        scaler = _scaler(engine)
+        if scaler is not None:
+            payload["scaler"] = scaler.state_dict()
         if self.validator is not None:
             payload["validator"] = {
                 "best_metric": float(getattr(self.validator.state, "best_metric", -1)),
@@ -161,12 +167,21 @@ class ResumeHandler:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.lr_scheduler is not None and "lr_scheduler" in ckpt:
             self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+        scaler = _scaler(engine)
+        if scaler is not None and ckpt.get("scaler"):  # absent when the interrupted run was not fp16
+            scaler.load_state_dict(ckpt["scaler"])
         engine.state.epoch = int(ckpt["trainer"]["epoch"])
         engine.state.iteration = int(ckpt["trainer"]["iteration"])
         if self.validator is not None and "validator" in ckpt:
             self.validator.state.best_metric = ckpt["validator"]["best_metric"]
             self.validator.state.best_metric_epoch = ckpt["validator"]["best_metric_epoch"]
         logger.info("resumed from %s at epoch %d", self.path, engine.state.epoch)
+
+
+def _scaler(engine: Engine) -> Any:
+    """The engine's enabled GradScaler (MONAI trainers and the project's engines keep it as ``engine.scaler``)."""
+    scaler = getattr(engine, "scaler", None)
+    return scaler if scaler is not None and hasattr(scaler, "state_dict") and scaler.is_enabled() else None
 
 
 def _cpu_copy(obj: Any) -> Any:
