@@ -340,6 +340,7 @@ def test_backprop_baseline_fp16():
         (["pretrain_aux.yaml"], ["train#trainer#amp_dtype"]),
         (["train.yaml", "ffcl.yaml"], ["local#trainer#amp_dtype", "global#trainer#amp_dtype"]),
         (["ff.yaml"], ["train#trainer#amp_dtype", "validate#evaluator#amp_kwargs", "evaluate#evaluator#amp_kwargs"]),
+        (["train.yaml"], ["train#trainer#amp_kwargs", "validate#evaluator#amp_kwargs"]),
         (["evaluate.yaml"], ["evaluator#amp_kwargs"]),
         (["inference.yaml"], ["evaluator#amp_kwargs"]),
     ],
@@ -352,3 +353,17 @@ def test_configs_pass_amp_dtype_to_every_engine(files, keys):
     for key in keys:
         value = parser.get_parsed_content(key)
         assert (value["dtype"] if isinstance(value, dict) else value) in ("float16", torch.float16), key
+
+
+def test_bad_amp_dtype_in_a_config_names_the_key():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(ConfigParser.load_config_files([str(CONFIGS / f) for f in ("common.yaml", "train.yaml")]))
+    parser["amp_dtype"] = "float61"
+    with pytest.raises(Exception) as err:
+        parser.get_parsed_content("train#trainer#amp_kwargs")
+    chain, e = [], err.value
+    while e is not None:  # MONAI wraps it in "Failed to evaluate ConfigExpression"; the traceback shows the cause
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    assert any("`amp_dtype`" in m and "float16" in m for m in chain), chain
