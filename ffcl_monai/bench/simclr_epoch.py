@@ -72,8 +72,15 @@ def _augment_ms_per_view(augment: dict[str, Any], bases: list[torch.Tensor], dev
         two_view = TwoViewd(aug).set_random_state(0)
         return lambda: [two_view({"image": b}) for b in bases]
 
-    timed = time_interleaved({"project": runner(augment), "plain_monai": runner(plain_monai_augment(augment))},
-                             warmup=1, repeats=5, device=device)
+    from monai.data import get_track_meta, set_track_meta
+
+    track = get_track_meta()
+    set_track_meta(False)  # as in the workflow's epochs: the run list switches metadata tracking off after caching
+    try:
+        timed = time_interleaved({"project": runner(augment), "plain_monai": runner(plain_monai_augment(augment))},
+                                 warmup=1, repeats=5, device=device)
+    finally:
+        set_track_meta(track)
     return {k: 1e3 * v["median_s"] / (2 * len(bases)) for k, v in timed.items()}
 
 
