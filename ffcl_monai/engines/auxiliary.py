@@ -21,7 +21,7 @@ from monai.transforms import MapTransform
 from torch import nn
 from torch.optim import Optimizer
 
-from ffcl_monai.engines.precision import Precision
+from ffcl_monai.engines.precision import PrecisionTrainerMixin
 from ffcl_monai.losses.auxiliary import MaskedMultiHeadLoss, parse_heads
 
 
@@ -64,7 +64,7 @@ def check_metadata(items: Sequence[Mapping[str, Any]], heads: Mapping[str, Any])
     return items
 
 
-class AuxiliaryTrainer(Trainer):
+class AuxiliaryTrainer(PrecisionTrainerMixin, Trainer):
     """Trainer for multi-head auxiliary-target pretraining.
 
     ``network(image) -> {field: prediction}``; ``loss_function(preds, targets) -> scalar`` (a
@@ -95,17 +95,13 @@ class AuxiliaryTrainer(Trainer):
         self.optimizer = optimizer
         self.loss_function = loss_function
         self.image_key = image_key
-        self.precision = Precision(self.state.device, amp, amp_dtype)
-        self.scaler = self.precision.scaler  # where MONAI's trainers keep theirs (ResumeHandler saves it)
+        self._init_precision(amp, amp_dtype)
         self._sums: dict[str, float] = {}
         self._counts: dict[str, float] = {}
         self.add_event_handler(Events.EPOCH_STARTED, self._reset)
         self.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_metrics)
         if train_handlers is not None:
             self._register_handlers(train_handlers)
-
-    def run(self) -> None:  # type: ignore[override]
-        super(Trainer, self).run()  # not Trainer.run: its CUDA GradScaler would replace self.precision's
 
     def _reset(self, engine: Engine) -> None:
         self._sums, self._counts = {}, {}

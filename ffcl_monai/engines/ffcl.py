@@ -40,12 +40,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
-from monai.engines import SupervisedTrainer, Trainer
+from monai.engines import SupervisedTrainer
 from monai.engines.utils import default_prepare_batch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ffcl_monai.engines.precision import Precision
+from ffcl_monai.engines.precision import PrecisionTrainerMixin
 from ffcl_monai.losses.ffcl_pair import FFCLPairLoss
 from ffcl_monai.networks.backbones import Backbone
 from ffcl_monai.networks.checkpoints import load_backbone, save_backbone
@@ -138,7 +138,7 @@ class EpochMeans:
             engine.state.metrics[name] = s / max(self._counts[name], 1)
 
 
-class _ContrastiveTrainerBase(SupervisedTrainer):
+class _ContrastiveTrainerBase(PrecisionTrainerMixin, SupervisedTrainer):
     """Shared set-up: mixed precision (``self.precision``), epoch means registered before the config's handlers."""
 
     epoch_means: EpochMeans
@@ -148,18 +148,13 @@ class _ContrastiveTrainerBase(SupervisedTrainer):
         # MONAI's own `amp` autocasts "cuda" only and always adds a CUDA GradScaler; self.precision does both for the
         # training device and dtype instead, so MONAI's flag stays off.
         super().__init__(*args, amp=False, decollate=False, train_handlers=train_handlers, **kwargs)
-        self.precision = Precision(self.state.device, default_amp(self.state.device) if amp is None else amp, amp_dtype)
-        self.scaler = self.precision.scaler  # where MONAI's trainers keep theirs (ResumeHandler saves it)
+        self._init_precision(default_amp(self.state.device) if amp is None else amp, amp_dtype)
         self._attach_epoch_means()
 
     @property
     def bf16(self) -> bool:
         """Autocast is on in bfloat16."""
         return self.precision.enabled and self.precision.dtype == torch.bfloat16
-
-    def run(self) -> None:  # type: ignore[override]
-        # Not Trainer.run: it would reset self.scaler (MONAI's amp flag is off), dropping self.precision's scaler.
-        super(Trainer, self).run()
 
     def _attach_epoch_means(self) -> None:
         if not getattr(self, "_epoch_means_attached", False):

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
-from ffcl_monai.engines.precision import Precision
+from ffcl_monai.engines.precision import Precision, as_optimizer_list
 from ffcl_monai.losses.forward_forward import get_ff_loss
 from ffcl_monai.networks.forward_forward import FFNet
 
@@ -219,7 +219,7 @@ def create_ff_trainer(
     dev = torch.device(device) if device is not None else next(net.parameters()).device
     n_layers = len(net.layers)
     m = net.num_classes
-    optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+    optimizers = as_optimizer_list(optimizer)
     groups = [g for opt in optimizers for g in opt.param_groups]
     base_lrs = [g["lr"] for g in groups]
     precision = Precision(dev, amp, amp_dtype)

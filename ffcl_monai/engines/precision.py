@@ -21,8 +21,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+from monai.engines import Trainer
 
-__all__ = ["AMP_DTYPES", "Precision", "resolve_amp_dtype"]
+__all__ = ["AMP_DTYPES", "Precision", "PrecisionTrainerMixin", "as_optimizer_list", "resolve_amp_dtype"]
 
 AMP_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,7 +52,10 @@ def _device_type(device: str | torch.device | None) -> str:
     return torch.device(device).type if device is not None else "cpu"
 
 
-def _as_list(optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
+def as_optimizer_list(
+    optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+) -> list[torch.optim.Optimizer]:
+    """One optimizer or a sequence of them, as a list."""
     return [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
 
 
@@ -122,7 +126,7 @@ class Precision:
             optimizers: one optimizer or a sequence of them.
             max_grad_norm: clip each optimizer's gradients to this total norm (after unscaling); None = no clipping.
         """
-        opts = _as_list(optimizers)
+        opts = as_optimizer_list(optimizers)
         if self.scaler is None:
             for opt in opts:
                 if max_grad_norm is not None:
@@ -159,3 +163,23 @@ class Precision:
         """Restore the scaler's state saved by :meth:`state_dict` (ignored without a scaler)."""
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)
+
+
+class PrecisionTrainerMixin:
+    """For MONAI ``Trainer`` subclasses whose autocast and gradient scaler come from :class:`Precision`.
+
+    List it before the MONAI base class and call :meth:`_init_precision` after the base ``__init__``. MONAI's
+    ``Trainer.run`` would replace ``self.scaler`` (a CUDA GradScaler whenever MONAI's own ``amp`` flag is on, else
+    ``None``); these engines own their scaler (float16 only, on the training device), so :meth:`run` skips it and
+    goes straight to ``Workflow.run``.
+    """
+
+    precision: Precision
+    scaler: torch.amp.GradScaler | None
+
+    def _init_precision(self, amp: bool, amp_dtype: str | torch.dtype) -> None:
+        self.precision = Precision(self.state.device, amp, amp_dtype)  # type: ignore[attr-defined]
+        self.scaler = self.precision.scaler  # where MONAI's trainers keep theirs (ResumeHandler saves it)
+
+    def run(self) -> None:
+        super(Trainer, self).run()  # type: ignore[misc]

@@ -27,7 +27,7 @@ from monai.engines import Trainer
 from torch import nn
 from torch.optim import Optimizer
 
-from ffcl_monai.engines.precision import Precision
+from ffcl_monai.engines.precision import PrecisionTrainerMixin
 from ffcl_monai.networks.checkpoints import save_backbone
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def _unwrap(network: nn.Module) -> nn.Module:
     return getattr(network, "module", network)  # DistributedDataParallel
 
 
-class TwoViewTrainer(Trainer):
+class TwoViewTrainer(PrecisionTrainerMixin, Trainer):
     """Trainer for two-view pretraining (SimCLR, Barlow Twins, ...).
 
     Args:
@@ -92,18 +92,12 @@ class TwoViewTrainer(Trainer):
         self.loss_function = loss_function
         self.view_keys = tuple(view_keys)
         self.concat_views = concat_views
-        self.precision = Precision(self.state.device, amp, amp_dtype)
-        self.scaler = self.precision.scaler  # where MONAI's trainers keep theirs (ResumeHandler saves it)
+        self._init_precision(amp, amp_dtype)
         # Registered before the user's handlers so that metrics["lr"] exists when LR schedulers and MLflow run.
         self.add_event_handler(Events.ITERATION_COMPLETED, self._remember_lr)
         self.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_lr)
         if train_handlers is not None:
             self._register_handlers(train_handlers)
-
-    def run(self) -> None:  # type: ignore[override]
-        # MONAI's Trainer.run would replace self.scaler with a CUDA GradScaler whenever amp is on; self.precision
-        # owns the scaler (float16 only, on the training device).
-        super(Trainer, self).run()
 
     def _remember_lr(self, engine: Engine) -> None:
         self._lr = float(self.optimizer.param_groups[0]["lr"])
