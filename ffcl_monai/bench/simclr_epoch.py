@@ -65,14 +65,14 @@ def plain_monai_augment(augment: dict[str, Any]) -> dict[str, Any]:
 
 def _augment_ms_per_view(augment: dict[str, Any], bases: list[torch.Tensor], device: str) -> dict[str, float]:
     """Median ms per view of the two-view augmentation, project defaults vs plain MONAI, alternating."""
+    from monai.data import get_track_meta, set_track_meta
+
     from ffcl_monai.bench.common import time_interleaved
     from ffcl_monai.data.two_view import TwoViewd
 
     def runner(aug: dict[str, Any]) -> Any:
         two_view = TwoViewd(aug).set_random_state(0)
         return lambda: [two_view({"image": b}) for b in bases]
-
-    from monai.data import get_track_meta, set_track_meta
 
     track = get_track_meta()
     set_track_meta(False)  # as in the workflow's epochs: the run list switches metadata tracking off after caching
