@@ -65,18 +65,20 @@ def _literal(text: str) -> Any:
         return text
 
 
-def _overlays_for(datalist: str) -> list[str]:
+def _header(datalist: str) -> dict[str, Any]:
+    """The config keys the datalist header may set, typed and checked (:mod:`ffcl_monai.workflows.untrusted`).
+
+    A shared datalist is outside input: a class name such as ``"$__import__('os')..."`` or a ``_target_`` dict is
+    refused here, naming the key, instead of reaching the bundle config as an override.
+    """
+    from ffcl_monai.data.datalist import read_header
+    from ffcl_monai.errors import UserInputError
+    from ffcl_monai.workflows.untrusted import header_overrides
+
     try:
-        header = json.loads(Path(datalist).read_text())
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"cannot read the datalist {datalist}: {e}") from None
-    return ["3d.yaml"] if int(header.get("spatial_dims", 2)) == 3 else []
-
-
-def _class_names(datalist: str) -> list[str] | None:
-    from ffcl_monai.data.datalist import class_names_from_header, read_header
-
-    return class_names_from_header(read_header(datalist))
+        return header_overrides(read_header(datalist), f"datalist {datalist} header")
+    except UserInputError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def _has_split(datalist: str, split: str) -> bool:
@@ -195,15 +197,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         split = "test" if _has_split(datalist, "test") else "validation"
     if not _has_split(datalist, split):
         p.error(f"the datalist has no '{split}' split to tabulate")
-    overlays = _overlays_for(datalist)
+    header = _header(datalist)
+    overlays = ["3d.yaml"] if header.get("spatial_dims", 2) == 3 else []
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     uri = check_tracking(tracking_uri(out))
     overrides: dict[str, Any] = {"datalist": datalist, "backbone": args.backbone, "tracking_uri": uri,
                                  "experiment_name": args.experiment_name, "overlays": overlays}
-    names = _class_names(datalist)
-    if names:
-        overrides["class_names"] = names
+    if header.get("class_names"):
+        overrides["class_names"] = header["class_names"]
     if args.image_size:
         overrides["image_size"] = [args.image_size] * (3 if overlays else 2)
     for key, flag in [("local_epochs", args.local_epochs), ("global_epochs", args.global_epochs),

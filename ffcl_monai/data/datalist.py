@@ -19,6 +19,7 @@ import numpy as np
 from monai.data import load_decathlon_datalist
 
 from ffcl_monai.errors import UserInputError
+from ffcl_monai.workflows.untrusted import header_class_names, header_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -45,24 +46,24 @@ def read_header(datalist: str | os.PathLike) -> dict[str, Any]:
     return {k: v for k, v in content.items() if k not in SPLITS}
 
 
-def class_names_from_header(header: dict[str, Any]) -> list[str] | None:
-    """Class names in index order from the header's ``labels`` mapping, if present."""
-    labels = header.get("labels")
-    if isinstance(labels, dict):
-        return [labels[k] for k in sorted(labels, key=int)]
-    if isinstance(labels, list):
-        return [str(x) for x in labels]
-    return None
+def class_names_from_header(header: dict[str, Any], where: str = "datalist header") -> list[str] | None:
+    """Class names in index order from the header's ``labels`` mapping, if present, as plain text.
+
+    Header text is data: a name that a bundle config would evaluate (``$``/``@``/``%`` prefix) or a ``_target_`` dict
+    is refused (:mod:`ffcl_monai.workflows.untrusted`), never passed on.
+    """
+    return header_class_names(header, where)
 
 
 def check_header(datalist: str | os.PathLike, num_classes: int, spatial_dims: int, task: str) -> dict[str, Any]:
     """Compare the datalist header with the config and fail with the override that fixes a mismatch."""
     header = read_header(datalist)
+    header_overrides(header, f"datalist {datalist} header")  # refuses config syntax anywhere in the header
     if task not in TASKS:
         raise DatalistError(f"config key `task` is {task!r}; it must be one of {TASKS}.")
     hdr_classes = header.get("num_classes")
     if hdr_classes is not None and int(hdr_classes) != int(num_classes):
-        names = class_names_from_header(header)
+        names = class_names_from_header(header, f"datalist {datalist} header")
         raise DatalistError(
             f"datalist {datalist} has {hdr_classes} classes {names or ''} but the config has num_classes={num_classes}. "
             f"Add `--num_classes {hdr_classes}` (and `--class_names \"{names}\"`) to the command."

@@ -159,7 +159,8 @@ def class_names() -> list[str]:
 class Server:
     """``monailabel_app/start_server.sh`` in its own process group (so that its training children go with it)."""
 
-    def __init__(self, studies: Path, port: int, conf: list[str], workdir: Path) -> None:
+    def __init__(self, studies: Path, port: int, conf: list[str], workdir: Path,
+                 env: dict[str, str] | None = None) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = workdir / "server.log"
         env = {
@@ -169,6 +170,7 @@ class Server:
             "HTTP_PROXY": CLOSED_PROXY, "HTTPS_PROXY": CLOSED_PROXY,
             "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost",
             "MONAI_LABEL_SESSION_PATH": str(workdir / "sessions"),
+            **(env or {}),
         }
         env.pop("MLFLOW_TRACKING_URI", None)  # training tracks to SQLite next to its checkpoint
         self._log = open(self.log_path, "w")
@@ -182,13 +184,13 @@ class Server:
         self._log.flush()
         return self.log_path.read_text(errors="replace")[-n:]
 
-    def wait_ready(self, timeout: float) -> dict:
+    def wait_ready(self, timeout: float, headers: dict[str, str] | None = None) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 pytest.fail(f"server exited with {self.proc.returncode} during start-up:\n{self.log_tail()}")
             try:
-                status, info = http("GET", f"{self.url}/info/", timeout=10)
+                status, info = http("GET", f"{self.url}/info/", headers=headers, timeout=10)
                 if status == 200:
                     return info
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
@@ -349,6 +351,35 @@ def test_model_without_checkpoint_refuses(session: types.SimpleNamespace) -> Non
 def test_unknown_image_is_an_error(session: types.SimpleNamespace) -> None:
     status, _ = http("POST", f"{session.server.url}/infer/xray?image=does-not-exist", data=b"")
     assert status >= 400
+
+
+def raw_request(method: str, url: str, headers: dict[str, str], data: bytes | None = None) -> tuple[int, dict[str, str], str]:
+    """(status, lower-cased response headers, body text), never through a proxy."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with opener.open(req, timeout=60) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read().decode(errors="replace")
+
+
+def test_default_server_answers_no_foreign_origin(session: types.SimpleNamespace) -> None:
+    """Under the default start_server.sh a web page from another origin gets no CORS grant (MONAI Label alone: `*`)."""
+    url = session.server.url
+    preflight = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}
+    status, headers, _ = raw_request("OPTIONS", f"{url}/train/xray", preflight)
+    assert "access-control-allow-origin" not in headers, (status, headers)
+    assert status >= 400
+    # a "simple" cross-origin POST (no preflight in browsers) is refused too, before it can queue anything
+    status, headers, _ = raw_request("POST", f"{url}/infer/xray?image={sorted(session.labels)[0]}",
+                                     {"Origin": "http://evil.example"}, data=b"")
+    assert status == 403 and "access-control-allow-origin" not in headers
+    # the server's own loopback origin still works from a browser
+    own = url.replace("127.0.0.1", "localhost")
+    status, headers, _ = raw_request("OPTIONS", f"{url}/info/", {**preflight, "Origin": own})
+    assert status == 200 and headers.get("access-control-allow-origin") == own, (status, headers)
 
 
 def test_train_from_datastore_labels_writes_new_checkpoint(session: types.SimpleNamespace) -> None:

@@ -36,6 +36,7 @@ from monailabel.tasks.train.bundle import BundleConstants, BundleTrainTask
 
 from lib.configs import load_workflow_config
 from lib.models import ModelSpec, class_names
+from lib.train_request import validate_assembled_request
 
 logger = logging.getLogger(__name__)
 
@@ -107,12 +108,19 @@ class ClassifierTrainTask(BundleTrainTask):
         return load_workflow_config(self.config_files, self.spec.metadata_file, path)
 
     def config(self) -> Dict[str, Any]:
+        """The options clients see (and send back): only keys of :data:`lib.train_request.TRAIN_FIELDS`.
+
+        The stock list also offers a tracking URI, run id, checkpoint file name and GPU list; those are set on the
+        server only (a URI may carry credentials, and MONAI Label logs every request to ``/logs``).
+        """
         options = super().config()
-        # the stock option lists <bundle>/models/*.pt; the checkpoint here comes from the model spec
-        options.pop("model_filename", None)
-        options["max_epochs"] = int(self.conf.get("max_epochs", 10))
-        options["multi_gpu"] = False  # multi-GPU needs a multi_gpu_train config; not part of this app
-        return options
+        return {
+            "device": options["device"],
+            "pretrained": True,
+            "max_epochs": int(self.conf.get("max_epochs", 10)),
+            "val_split": 0.2,
+            "multi_gpu": False,  # multi-GPU needs a multi_gpu_train config; not part of this app
+        }
 
     def _fetch_datalist(self, request: Dict[str, Any], datastore: Datastore) -> List[Dict[str, Any]]:
         """``[{"image": path, "label": class index}]`` for every image with a final label."""
@@ -202,8 +210,11 @@ class ClassifierTrainTask(BundleTrainTask):
         return overrides
 
     def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, Any]:
+        # Only typed, allow-listed keys go on (the server guard checked the body before queueing; this covers every
+        # other route into the task). Nothing from the request can reach $-evaluation in the bundle config.
+        request = validate_assembled_request(request, [self.spec.name])
         # multi-GPU would need configs/multi_gpu_train.*, which the bundle does not ship
-        request = {**request, "multi_gpu": False}
+        request["multi_gpu"] = False
         if "max_epochs" not in request:
             request["max_epochs"] = int(self.conf.get("max_epochs", 10))
         before = self._mtime(self.spec.trained_checkpoint)
