@@ -4,15 +4,46 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
 
 from . import __version__
 from .check import check_datalist, default_workers
-from .common import LayoutError
-from .pipeline import CommonOptions, ensure_outside_src, run_pipeline
+from .common import LayoutError, log
+from .phi import SaltResolver
+from .pipeline import CommonOptions, ensure_outside_src, run_pipeline, source_root
 from .splits import SplitError
+
+
+def _text(s: str) -> str:
+    """Printable whatever it holds (file names that are not UTF-8 become escapes instead of crashing print)."""
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class _StderrHandler(logging.Handler):
+    """Log records to the *current* ``sys.stderr`` (so redirections made after setup, e.g. by pytest, are honoured).
+
+    INFO lines are printed as they are; WARNING and above get a ``WARNING:``/``ERROR:`` prefix so they stand out.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            if record.levelno >= logging.WARNING:
+                msg = f"{record.levelname}: {msg}"
+            sys.stderr.write(_text(msg) + "\n")
+            sys.stderr.flush()
+        except Exception:  # pragma: no cover - logging must never crash the command
+            self.handleError(record)
+
+
+def _setup_logging() -> None:
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        log.addHandler(_StderrHandler())
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
 
 
 def _common_parser() -> argparse.ArgumentParser:
@@ -21,15 +52,27 @@ def _common_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="datalist JSON to write; image paths are stored relative to it")
     c.add_argument("--seed", type=int, default=0, help="seed of every random split (default 0)")
     c.add_argument("--salt", default=None,
-                   help="salt of the patient-ID hash (default: $DATA_PREP_SALT, else the public constant in "
-                        "data_prep/phi.py); never written to the datalist")
+                   help="secret salt of the patient-ID and file-name pseudonyms (visible in `ps`: prefer "
+                        "$DATA_PREP_SALT). Default: $DATA_PREP_SALT, else the salt file ($DATA_PREP_SALT_FILE or "
+                        "~/.config/ffcl-monai/data_prep_salt, generated with mode 0600 when patient IDs come from "
+                        "DICOM tags or a CSV column), else the public constant in data_prep/phi.py (with a "
+                        "warning). Never written to the datalist; splits do not depend on it")
     c.add_argument("--no-check", dest="check", action="store_false",
                    help="skip opening every image (faster, but broken files and duplicates go unnoticed)")
     c.add_argument("--drop-bad", action="store_true",
                    help="exclude unreadable files instead of failing; they are listed in the header's dropped list")
     c.add_argument("--drop-duplicates", action="store_true",
                    help="when identical images sit in two splits (leakage in an official split), drop the copy in "
-                        "the training split (or validation, if the other is in test); recorded in the header")
+                        "the training split (or validation, if the other is in test); identical images under two "
+                        "labels (an error otherwise) keep the official test/validation copy, or are all dropped; "
+                        "recorded in the header")
+    c.add_argument("--pseudonymize-paths", action="store_true",
+                   help="for sources whose file or folder names carry patient names or MRNs: the datalist points to "
+                        "links with salted-hash names in <out stem>_links/ next to it and names no original file or "
+                        "folder (needs a secret salt; SRC is never modified)")
+    c.add_argument("--link-mode", choices=("symlink", "copy"), default="symlink",
+                   help="with --pseudonymize-paths: symbolic links (default; copies where links are impossible) or "
+                        "copies (a folder that can be shared without the original names in link targets)")
     c.add_argument("--workers", type=int, default=None, help=f"threads that open images (default {default_workers()})")
     c.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     c.add_argument("--name", default=None, help="datalist name in the header (default: the --out file stem)")
@@ -85,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    _setup_logging()
     try:
         if args.command == "check":
             return _run_check(args)
@@ -97,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         ensure_outside_src(src, out)
         if not args.check and (args.drop_bad or args.drop_duplicates):
             raise LayoutError("--drop-bad and --drop-duplicates need the image check; remove --no-check")
+        # one salt per run, shared by the scan (volumes names converted series with it) and the pipeline
+        args.salt_resolver = SaltResolver(args.salt, out_dir=Path(out).absolute().parent, src_root=source_root(src))
         scan = args.scan(args)
         opts = CommonOptions(
             src=src, out=out, seed=args.seed, salt=args.salt, check=args.check, drop_bad=args.drop_bad,
@@ -104,12 +150,13 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers, progress=args.progress, name=args.name,
             val_count=getattr(args, "val_count", None), val_fraction=getattr(args, "val_fraction", None),
             test_count=getattr(args, "test_count", None), test_fraction=getattr(args, "test_fraction", None),
+            pseudonymize_paths=args.pseudonymize_paths, link_mode=args.link_mode, salt_resolver=args.salt_resolver,
         )
         rc = run_pipeline(scan, opts)
         print(f"data_prep {args.command}: total {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         return rc
     except (LayoutError, SplitError) as exc:
-        print(f"data_prep {args.command}: error: {exc}", file=sys.stderr)
+        print(_text(f"data_prep {args.command}: error: {exc}"), file=sys.stderr)
         return 2
 
 

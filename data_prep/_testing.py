@@ -173,6 +173,14 @@ def make_dicom_series(folder: Path, n_slices: int, patient_id: str, patient_name
     return folder
 
 
+def private_salt_file(monkeypatch, folder: Path) -> Path:
+    """Point data_prep's salt file into ``folder`` and clear ``$DATA_PREP_SALT``, so tests never touch ~/.config."""
+    monkeypatch.delenv("DATA_PREP_SALT", raising=False)
+    path = folder / "data_prep_salt"
+    monkeypatch.setenv("DATA_PREP_SALT_FILE", str(path))
+    return path
+
+
 def tree_fingerprint(root: Path) -> dict[str, tuple[int, float, str]]:
     """(size, mtime, sha256) of every file under root, to prove a command changed nothing there."""
     out = {}

@@ -3,12 +3,14 @@
 Two levels:
 
 * :func:`inspect_files` opens every image in a thread pool (decoders and hashlib release the GIL) and records whether
-  it decodes completely, its spatial dimensionality, channel count, shape and the sha256 of its bytes. PIL images are
-  fully decoded with ``.load()`` and ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left off, so a truncated JPEG is an error,
-  not a grey bottom half.
-* :func:`check_entries` looks at a datalist together with those results: unreadable files, wrong dimensionality,
-  mixed channel counts, byte-identical images in two splits (leakage), patients in two splits, labels outside the
-  declared classes, empty classes, stale header counts, and class balance.
+  it decodes completely, its spatial dimensionality, channel count, shape, the sha256 of its bytes, how many NaN/Inf
+  values it holds, and (DICOM) an in-memory token of its PatientID. PIL images are fully decoded with ``.load()`` and
+  ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left off, so a truncated JPEG is an error, not a grey bottom half. NIfTI and
+  DICOM sizes are checked against :data:`MAX_DIM`/:data:`MAX_VOXELS` from the header, before any pixel is decoded.
+* :func:`check_entries` looks at a datalist together with those results: unreadable files, NaN/Inf values, wrong
+  dimensionality, mixed channel counts, byte-identical images in two splits (leakage) or under two labels, patients
+  (``patient`` keys, and DICOM PatientID tags) in two splits, labels outside the declared classes, empty classes,
+  stale header counts, image-level splits, and class balance.
 
 Errors make the command exit non-zero; warnings and information are printed but do not fail the check.
 """
@@ -22,12 +24,27 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
-from .common import SPLITS
+from .common import SPLITS, file_key
+from .phi import quiet_dicom, redact, session_token
 
 #: How many examples a report line lists before it says "... and N more".
 MAX_LISTED = 100
+
+#: Size limits, checked from the header before any pixel data is decompressed (a few KB of .nii.gz can declare
+#: terabytes: a gzip bomb). A NIfTI or DICOM image with any dimension above MAX_DIM, or more than MAX_VOXELS voxels
+#: (all dimensions, channels and frames multiplied), is reported as a bad file and never decoded.
+MAX_DIM = 8192
+MAX_VOXELS = 2**31
+
+
+class ImageTooLargeError(ValueError):
+    """The header declares more voxels than :data:`MAX_VOXELS` or a dimension above :data:`MAX_DIM`."""
+
+
+class RedactedError(Exception):
+    """A decoder error whose message had identifying DICOM values removed (the text keeps the original type name)."""
 
 
 @dataclass
@@ -41,6 +58,41 @@ class FileInfo:
     channels: int | None = None
     shape: tuple[int, ...] | None = None
     sha256: str | None = None
+    nan: int = 0
+    inf: int = 0
+    #: in-memory token of the DICOM PatientID (:func:`data_prep.phi.session_token`); never printed or written
+    patient_token: str | None = field(default=None, repr=False)
+
+
+class _Decoded(NamedTuple):
+    spatial_dims: int
+    channels: int
+    shape: tuple[int, ...]
+    nan: int = 0
+    inf: int = 0
+    patient_token: str | None = None
+
+
+def _nonfinite(arr: Any) -> tuple[int, int]:
+    """(NaN count, +/-Inf count) of a numeric array; (0, 0) for integer data."""
+    import numpy as np
+
+    a = np.asarray(arr)
+    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.complexfloating)):
+        return 0, 0
+    return int(np.count_nonzero(np.isnan(a))), int(np.count_nonzero(np.isinf(a)))
+
+
+def _check_size(shape: tuple[int, ...], what: str) -> None:
+    import math
+
+    n = math.prod(int(s) for s in shape) if shape else 0
+    if any(int(s) > MAX_DIM for s in shape) or n > MAX_VOXELS:
+        raise ImageTooLargeError(
+            f"{what} declares {'x'.join(str(int(s)) for s in shape)} = {n:,} voxels; data_prep refuses any dimension "
+            f"above {MAX_DIM} or more than {MAX_VOXELS:,} voxels (data_prep.check.MAX_DIM / MAX_VOXELS) and did not "
+            "decode it. Crop or resample the image, or exclude it with --drop-bad"
+        )
 
 
 def _sha256(path: Path) -> str:
@@ -51,55 +103,82 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _open_pil(path: Path) -> tuple[int, int, tuple[int, ...]]:
+def _open_pil(path: Path) -> _Decoded:
+    import numpy as np
     from PIL import Image
 
     with Image.open(path) as im:
         im.load()  # full decode: raises OSError on truncated data
         bands = len(im.getbands())
-        if getattr(im, "n_frames", 1) > 1:
-            return 3, bands, (im.width, im.height, im.n_frames)
-        return 2, bands, (im.width, im.height)
+        n_frames = getattr(im, "n_frames", 1)
+        nan = inf = 0
+        if im.mode.startswith("F"):  # 32-bit float (TIFF): every frame may hold NaN/Inf
+            for k in range(n_frames):
+                im.seek(k)
+                a, b = _nonfinite(np.asarray(im))
+                nan, inf = nan + a, inf + b
+        if n_frames > 1:
+            return _Decoded(3, bands, (im.width, im.height, n_frames), nan, inf)
+        return _Decoded(2, bands, (im.width, im.height), nan, inf)
 
 
-def _open_nifti(path: Path) -> tuple[int, int, tuple[int, ...]]:
+def _open_nifti(path: Path) -> _Decoded:
     import nibabel as nib
     import numpy as np
 
-    img = nib.load(str(path))
+    img = nib.load(str(path))  # reads the header only
+    _check_size(tuple(img.header.get_data_shape()), "the NIfTI header")
     data = np.asanyarray(img.dataobj)  # reads (and decompresses) everything: catches truncated files
+    nan, inf = _nonfinite(data)
     shape = tuple(int(s) for s in data.shape)
     if len(shape) <= 2:
-        return 2, 1, shape
+        return _Decoded(2, 1, shape, nan, inf)
     channels = int(np.prod(shape[3:])) if len(shape) > 3 else 1
-    return 3, channels, shape[:3]
+    return _Decoded(3, channels, shape[:3], nan, inf)
 
 
-def _open_dicom(path: Path) -> tuple[int, int, tuple[int, ...]]:
+def _open_dicom(path: Path) -> _Decoded:
     import pydicom
 
-    ds = pydicom.dcmread(str(path))
-    arr = ds.pixel_array
-    spp = int(getattr(ds, "SamplesPerPixel", 1) or 1)
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    from .dicomtags import patient_id_of
+
+    with quiet_dicom():
+        ds = pydicom.dcmread(str(path))
+        try:
+            spp = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+            frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+            _check_size((int(getattr(ds, "Columns", 0) or 0), int(getattr(ds, "Rows", 0) or 0), frames, spp),
+                        "the DICOM header (Columns x Rows x NumberOfFrames x SamplesPerPixel)")
+            arr = ds.pixel_array
+            nan, inf = _nonfinite(arr)
+        except ImageTooLargeError:
+            raise
+        except Exception as exc:  # decoder messages must not carry tag values into reports
+            raise RedactedError(f"{type(exc).__name__}: {redact(str(exc), ds)}") from None
+        pid = patient_id_of(ds)
+    token = session_token(pid) if pid else None
     shape = tuple(int(s) for s in arr.shape)
     if frames > 1:
-        return 3, spp, shape[:3]
-    return 2, spp, shape[:2]
+        return _Decoded(3, spp, shape[:3], nan, inf, token)
+    return _Decoded(2, spp, shape[:2], nan, inf, token)
 
 
-def _open_itk(path: Path) -> tuple[int, int, tuple[int, ...]]:
+def _open_itk(path: Path) -> _Decoded:
     import itk
 
     img = itk.imread(str(path))
     dims = int(img.GetImageDimension())
     comps = int(img.GetNumberOfComponentsPerPixel())
     size = tuple(int(s) for s in itk.size(img))
-    return dims, comps, size
+    nan, inf = _nonfinite(itk.array_view_from_image(img))
+    return _Decoded(dims, comps, size, nan, inf)
 
 
-def open_image(path: Path) -> tuple[int, int, tuple[int, ...]]:
-    """Open and fully decode one image; return ``(spatial_dims, channels, shape)``. Raises on any problem."""
+def open_image(path: Path) -> _Decoded:
+    """Open and fully decode one image; return ``(spatial_dims, channels, shape, nan, inf, patient_token)``.
+
+    Raises on any problem, including a header that declares more than :data:`MAX_VOXELS` voxels.
+    """
     low = path.name.lower()
     if low.endswith((".nii", ".nii.gz")):
         return _open_nifti(path)
@@ -120,8 +199,17 @@ def inspect_file(path: str | os.PathLike, display: str | None = None) -> FileInf
         if p.stat().st_size == 0:
             return FileInfo(name, False, "empty file (0 bytes)")
         digest = _sha256(p)
-        dims, channels, shape = open_image(p)
-        return FileInfo(name, True, None, dims, channels, shape, digest)
+        d = open_image(p)
+        info = FileInfo(name, True, None, d.spatial_dims, d.channels, d.shape, digest, d.nan, d.inf, d.patient_token)
+        if d.nan or d.inf:
+            info.ok = False
+            info.error = (f"{d.nan} NaN and {d.inf} Inf value(s); replace them in a copy (e.g. numpy.nan_to_num) or "
+                          "exclude the file with --drop-bad")
+        return info
+    except RedactedError as exc:
+        return FileInfo(name, False, str(exc)[:300])
+    except ImageTooLargeError as exc:
+        return FileInfo(name, False, f"too large: {exc}")
     except Exception as exc:  # any decoder error is a finding about the file, not a crash of the checker
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return FileInfo(name, False, f"{type(exc).__name__}: {msg}"[:300])
@@ -176,7 +264,8 @@ class Report:
             if items:
                 lines.append(f"{head}:")
                 lines.extend("  " + s.replace("\n", "\n  ") for s in items)
-        return "\n".join(lines)
+        # printable whatever the file names hold (a lone surrogate from a non-UTF-8 name must not crash print())
+        return "\n".join(lines).encode("utf-8", "backslashreplace").decode("utf-8")
 
     def to_dict(self) -> dict[str, Any]:
         """Machine-readable report (``check --report-json``)."""
@@ -195,7 +284,7 @@ def bad_file_report(infos: Iterable[FileInfo]) -> tuple[list[str], list[dict[str
     if not bad:
         return [], []
     rows = [f"{i.path}: {i.error}" for i in bad]
-    msg = f"{len(bad)} unreadable or truncated file(s):\n" + _listing(rows)
+    msg = f"{len(bad)} unreadable, truncated or invalid file(s):\n" + _listing(rows)
     return [msg], [{"path": i.path, "error": i.error or ""} for i in bad]
 
 
@@ -212,7 +301,11 @@ def _entry_label_problem(label: Any, task: str, num_classes: int) -> str | None:
 
 
 def check_entries(datalist: dict[str, Any], json_dir: Path, infos: dict[str, FileInfo]) -> Report:
-    """Dataset-level checks of a datalist given per-file results keyed by absolute image path."""
+    """Dataset-level checks of a datalist given per-file results keyed by :func:`data_prep.common.file_key`.
+
+    Every entry must have a result in ``infos``: an entry without one is an error, so that the per-file checks can
+    never be skipped silently (as they once were for SRC paths containing ``..``).
+    """
     rep = Report()
     task = datalist.get("task", "multiclass")
     labels = {int(k): v for k, v in (datalist.get("labels") or {}).items()}
@@ -227,22 +320,29 @@ def check_entries(datalist: dict[str, Any], json_dir: Path, infos: dict[str, Fil
     # 1. entries and files
     label_problems: list[str] = []
     missing_key: list[str] = []
+    unchecked: list[str] = []
     file_infos: dict[str, list[tuple[str, FileInfo]]] = defaultdict(list)  # split -> [(rel, info)]
     for split in splits:
         for n, e in enumerate(datalist[split]):
-            if not isinstance(e, dict) or "image" not in e:
+            if not isinstance(e, dict) or not isinstance(e.get("image"), str):
                 missing_key.append(f"{split}[{n}]")
                 continue
             if "label" in e and num_classes:
                 prob = _entry_label_problem(e["label"], task, num_classes)
                 if prob:
                     label_problems.append(f"{split}[{n}] {e['image']}: {prob} (got {e['label']!r})")
-            key = os.path.abspath(json_dir / e["image"])
-            info = infos.get(key)
+            info = infos.get(file_key(json_dir / e["image"]))
             if info is not None:
                 file_infos[split].append((e["image"], info))
+            else:
+                unchecked.append(f"{split}:{e['image']}")
     if missing_key:
-        rep.errors.append("entries without an 'image' key:\n" + _listing(missing_key))
+        rep.errors.append("entries without an 'image' path (a string):\n" + _listing(missing_key))
+    if unchecked:
+        rep.errors.append(
+            f"{len(unchecked)} entr(y/ies) have no file-check result, so the per-file checks did not run for them "
+            "(a data_prep path lookup bug; please report it):\n" + _listing(unchecked)
+        )
     if label_problems:
         rep.errors.append(f"{len(label_problems)} entr(y/ies) with invalid labels:\n" + _listing(label_problems))
 
@@ -282,7 +382,7 @@ def check_entries(datalist: dict[str, Any], json_dir: Path, infos: dict[str, Fil
     label_of = {}
     for s in splits:
         for e in datalist[s]:
-            if isinstance(e, dict) and "image" in e:
+            if isinstance(e, dict) and isinstance(e.get("image"), str):
                 label_of[(s, e["image"])] = e.get("label")
     cross, within, conflicting = [], [], []
     for h, occ in sorted(by_hash.items(), key=lambda kv: kv[1][0][1]):
@@ -291,15 +391,18 @@ def check_entries(datalist: dict[str, Any], json_dir: Path, infos: dict[str, Fil
         desc = " == ".join(f"{s}:{rel}" for s, rel in occ)
         (cross if len({s for s, _ in occ}) > 1 else within).append(desc)
         if len({json.dumps(label_of.get(o)) for o in occ}) > 1:
-            conflicting.append(desc)
+            conflicting.append(" == ".join(f"{s}:{rel} (label {json.dumps(label_of.get((s, rel)))})" for s, rel in occ))
     if cross:
         rep.errors.append(
             f"LEAKAGE: {len(cross)} image(s) with identical content appear in more than one split "
             "(for official splits, --drop-duplicates removes the training/validation copy):\n" + _listing(cross)
         )
     if conflicting:
-        rep.warnings.append(
-            f"{len(conflicting)} set(s) of identical images carry different labels:\n" + _listing(conflicting)
+        rep.errors.append(
+            f"{len(conflicting)} set(s) of byte-identical images carry different labels (at least one label is wrong). "
+            "Fix the labels in a copy of SRC, or re-run with --drop-duplicates: an official test/validation copy is "
+            "kept and the others dropped; copies within one split are all dropped (recorded in the header):\n"
+            + _listing(conflicting)
         )
     if within:
         rep.warnings.append(f"{len(within)} duplicate image(s) within a split:\n" + _listing(within))
@@ -323,6 +426,45 @@ def check_entries(datalist: dict[str, Any], json_dir: Path, infos: dict[str, Fil
                 f"{len(soft)} patient(s) appear in more than one official split (as distributed by the source):\n"
                 + _listing(soft, 10)
             )
+
+    # 4b. DICOM files of one patient (same PatientID tag, compared as in-memory tokens) in two splits
+    by_token: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for s, rel, i in good:
+        if i.patient_token:
+            by_token[i.patient_token][s].append(rel)
+    dicom_hard, dicom_soft = [], []
+    for occ in sorted(by_token.values(), key=lambda o: min(min(v) for v in o.values())):
+        if len(occ) < 2:
+            continue
+        desc = ", ".join(f"{s}:{sorted(occ[s])[0]}" + (f" (+{len(occ[s]) - 1})" if len(occ[s]) > 1 else "")
+                         for s in splits if s in occ)
+        (dicom_hard if carved & set(occ) else dicom_soft).append(desc)
+    if dicom_hard:
+        rep.errors.append(
+            f"LEAKAGE: {len(dicom_hard)} DICOM patient(s) (same PatientID tag; values not shown) have images in a "
+            "carved split and another split; re-run data_prep, which groups DICOM files by PatientID:\n"
+            + _listing(dicom_hard)
+        )
+    if dicom_soft:
+        rep.warnings.append(
+            f"{len(dicom_soft)} DICOM patient(s) (same PatientID tag; values not shown) have images in more than one "
+            "split:\n" + _listing(dicom_soft, 10)
+        )
+
+    # 4c. image-level splits must not pass for patient-level ones
+    entries = [e for s in splits for e in datalist[s] if isinstance(e, dict)]
+    with_pid = sum(1 for e in entries if e.get("patient"))
+    if entries and with_pid == 0:
+        rep.warnings.append(
+            "no entry has a 'patient' ID: the splits are IMAGE-level, so images of one patient may sit in several "
+            "splits (optimistic scores). Give patient IDs (--patient-regex, --patient-column, DICOM PatientID) if "
+            "the source has them."
+        )
+    elif entries and with_pid < len(entries):
+        rep.warnings.append(
+            f"{len(entries) - with_pid} of {len(entries)} entries have no 'patient' ID; each of them was split as its "
+            "own patient."
+        )
 
     # 5. classes: empty classes, balance, header counts
     if labels:
@@ -402,7 +544,7 @@ def check_datalist(
     for s in SPLITS:
         for e in datalist.get(s, []):
             if isinstance(e, dict) and isinstance(e.get("image"), str):
-                k = os.path.abspath(json_dir / e["image"])
+                k = file_key(json_dir / e["image"])
                 keys[k] = k
     pairs = sorted(keys.items())
     infos = inspect_files(pairs, workers=workers, progress=progress)

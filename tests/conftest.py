@@ -78,6 +78,15 @@ def make_3d(root: Path, counts=(8, 4, 4), size: int = 16, seed: int = 0) -> Path
     return write_datalist(root, splits, spatial_dims=3, labels={"0": "absent", "1": "present"})
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_salt_file(tmp_path_factory):
+    """data_prep stores a generated pseudonym salt in ~/.config by default; tests keep theirs in a temporary folder."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DATA_PREP_SALT_FILE", str(tmp_path_factory.mktemp("salt") / "data_prep_salt"))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a test module: small CPU kernels on a shared 2-core machine run many times faster

@@ -9,8 +9,14 @@ from pathlib import Path
 import pytest
 
 from data_prep.__main__ import main
-from data_prep._testing import NIH_FINDINGS, make_chexpert, make_nih
+from data_prep._testing import NIH_FINDINGS, make_chexpert, make_nih, private_salt_file
 from data_prep.layouts.chexpert import encode_labels
+
+
+@pytest.fixture(autouse=True)
+def _salt_file_in_tmp(tmp_path_factory, monkeypatch):
+    """Generated salts go to a temporary file, never to ~/.config."""
+    private_salt_file(monkeypatch, tmp_path_factory.mktemp("salt"))
 
 
 @pytest.fixture(scope="module")

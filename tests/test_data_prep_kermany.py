@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from data_prep.__main__ import main
-from data_prep._testing import make_image, make_kermany, tree_fingerprint, truncate
+from data_prep._testing import make_image, make_kermany, private_salt_file, tree_fingerprint, truncate
+
+
+@pytest.fixture(autouse=True)
+def _salt_file_in_tmp(tmp_path_factory, monkeypatch):
+    """Generated salts go to a temporary file, never to ~/.config."""
+    private_salt_file(monkeypatch, tmp_path_factory.mktemp("salt"))
 
 
 def _load(p: Path) -> dict:

@@ -13,6 +13,13 @@ import pytest
 from PIL import Image
 
 from data_prep.__main__ import main
+from data_prep._testing import private_salt_file
+
+
+@pytest.fixture(autouse=True)
+def _salt_file_in_tmp(tmp_path_factory, monkeypatch):
+    """Generated salts go to a temporary file, never to ~/.config."""
+    private_salt_file(monkeypatch, tmp_path_factory.mktemp("salt"))
 
 
 def _medmnist(path: Path, shape: tuple[int, ...], n=(20, 6, 8), n_classes=2, multilabel=0, seed=0) -> Path:

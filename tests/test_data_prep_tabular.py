@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from data_prep.__main__ import build_parser, main
-from data_prep._testing import make_image
+from data_prep._testing import make_image, private_salt_file
+
+
+@pytest.fixture(autouse=True)
+def _salt_file_in_tmp(tmp_path_factory, monkeypatch):
+    """Generated salts go to a temporary file, never to ~/.config."""
+    private_salt_file(monkeypatch, tmp_path_factory.mktemp("salt"))
 
 
 def test_folder_layout_with_patient_regex(tmp_path):

@@ -15,8 +15,15 @@ from nibabel.testing import data_path as nib_data_path
 from pydicom.data import get_testdata_file
 
 from data_prep.__main__ import main
-from data_prep._testing import make_dicom_series, make_image, tree_fingerprint
+from data_prep._testing import make_dicom_series, make_image, private_salt_file, tree_fingerprint
 from data_prep.check import inspect_file
+
+
+@pytest.fixture(autouse=True)
+def _salt_file_in_tmp(tmp_path_factory, monkeypatch):
+    """Generated salts go to a temporary file, never to ~/.config."""
+    private_salt_file(monkeypatch, tmp_path_factory.mktemp("salt"))
+
 
 PHI = ["DOE^JANE", "DOE^JOHN", "MRN-0001", "MRN-0002", "19700101", "St Example Hospital"]
 
@@ -140,6 +147,7 @@ def test_real_pydicom_files_in_folder_layout_and_check(tmp_path, name):
         for i in range(3):
             ds = pydicom.dcmread(get_testdata_file(name))
             ds.PixelData = (ds.pixel_array + (i + (10 if cls == "b" else 0))).astype(ds.pixel_array.dtype).tobytes()
+            ds.PatientID = f"{cls}{i}"  # six patients: DICOM files are grouped by PatientID (one patient can't split)
             (src / cls).mkdir(parents=True, exist_ok=True)
             ds.save_as(src / cls / f"{cls}{i}.dcm", enforce_file_format=True)
     out = tmp_path / "o.json"

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
-from ..common import LayoutError, Record, Scan
+from ..common import LayoutError, Record, Scan, log
 from ._split_folders import scan_split_tree
 
 KERMANY_PATTERNS = [
@@ -112,8 +111,8 @@ def scan_kermany(args: argparse.Namespace) -> Scan:
         records.append(Record(path=f.absolute(), label=label, patient=m.group("patient").lower() if m else None,
                               split=split, stratum=sub if sub is not None else label))
     if unknown:
-        print(f"kermany: {len(unknown)} file name(s) without a recognisable patient ID; each is treated as its own "
-              f"patient, e.g. {unknown[0]}", file=sys.stderr, flush=True)
+        log.warning(f"kermany: {len(unknown)} file name(s) without a recognisable patient ID; each is treated as its "
+                    f"own patient, e.g. {unknown[0]}")
     names = ["NORMAL", "PNEUMONIA"] if args.classes == 2 else ["NORMAL", "BACTERIA", "VIRUS"]
     return Scan(
         layout="kermany", records=records, class_names=names,
@@ -144,8 +143,8 @@ def scan_oct(args: argparse.Namespace) -> Scan:
         records.append(Record(path=f.absolute(), label=classes.index(cname),
                               patient=m.group("patient") if m else None, split=split))
     if unknown:
-        print(f"oct2017: {unknown} file name(s) without a recognisable patient ID (CLASS-PATIENT-N.jpeg); each is "
-              "treated as its own patient", file=sys.stderr, flush=True)
+        log.warning(f"oct2017: {unknown} file name(s) without a recognisable patient ID (CLASS-PATIENT-N.jpeg); each "
+                    "is treated as its own patient")
     return Scan(
         layout="oct2017", records=records, class_names=classes, task="multiclass", spatial_dims=2, modality="OCT",
         description="Retinal OCT2017 (Kermany, Zhang, Goldbaum, Mendeley Data v2, doi:10.17632/rscbjbr9sj.2, "

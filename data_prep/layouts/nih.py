@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-from ..common import LayoutError, Record, Scan
+from ..common import ID_FROM_CSV, LayoutError, Record, Scan, log
 from ._csvutil import SEX_NAMES, VIEW_NAMES, parse_float, parse_sex, read_csv, view_code
 
 FINDINGS = [
@@ -106,10 +105,11 @@ def scan(args: argparse.Namespace) -> Scan:
                     "view": view_code(None, row["View Position"])}
         if not row["Patient ID"]:
             raise LayoutError(f"{where}: empty 'Patient ID'")
-        records.append(Record(path=path.absolute(), label=label, patient=row["Patient ID"], split=split, meta=meta))
+        records.append(Record(path=path.absolute(), label=label, patient=row["Patient ID"], split=split, meta=meta,
+                              patient_source=ID_FROM_CSV))
     if not_listed:
-        print(f"nih: {not_listed} CSV row(s) are in neither train_val_list.txt nor test_list.txt and were left out",
-              file=sys.stderr)
+        log.warning(f"nih: {not_listed} CSV row(s) are in neither train_val_list.txt nor test_list.txt and were left "
+                    "out")
     extra = {"sex_names": SEX_NAMES, "view_names": VIEW_NAMES} if args.metadata else {}
     return Scan(
         layout="nih", records=records, class_names=names, task="multilabel", spatial_dims=2, modality="CXR",

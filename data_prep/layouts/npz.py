@@ -271,8 +271,8 @@ def scan_npz(args: argparse.Namespace) -> Scan:
         return Scan(
             layout="npz", records=records, class_names=class_names, task=task, spatial_dims=dims,
             modality=args.modality or "unknown",
-            description=f"{src.name}: {len(images)} images {'x'.join(map(str, images.shape[1:]))} "
-                        "converted by data_prep",
+            description=f"{'SRC' if getattr(args, 'pseudonymize_paths', False) else src.name}: {len(images)} images "
+                        f"{'x'.join(map(str, images.shape[1:]))} converted by data_prep",
             options={"images_key": args.images_key, "labels_key": args.labels_key, "spatial_dims": args.spatial_dims,
                      "class_names": args.class_names},
             staging=staging,

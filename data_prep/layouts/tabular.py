@@ -5,6 +5,10 @@
 optional patient column groups images and an optional split column gives official splits.
 
 Images may be PNG/JPEG/BMP/TIFF, DICOM (``.dcm``) or NIfTI; one datalist must not mix 2D and 3D (the check says so).
+
+Patients: ``--patient-regex`` (folder) or ``--patient-column`` (csv) when given; DICOM files without such an ID are
+grouped by their PatientID tag (read with ``stop_before_pixels``, held in memory only). Without any patient identity
+the split is image-level, which the pipeline announces and records as ``"grouping": "image"``.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import argparse
 import re
 from pathlib import Path
 
-from ..common import LayoutError, Record, Scan, list_files, parse_class_map
+from ..common import (
+    ID_FROM_CSV, ID_FROM_DICOM, ID_FROM_NAME, LayoutError, Record, Scan, list_files, log, parse_class_map, relpath,
+)
+from ..dicomtags import is_dicom_name, read_identities
 from ._csvutil import read_csv
 from ._split_folders import find_split_dirs, scan_split_tree
 
@@ -68,6 +75,35 @@ def _dims(paths: list[Path], override: int | None) -> int:
     return 3 if any(p.name.lower().endswith((".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")) for p in paths) else 2
 
 
+def add_dicom_patients(records: list[Record], args: argparse.Namespace, src: Path) -> int:
+    """Give DICOM records without a patient ID the PatientID tag of their file; return how many got one.
+
+    Also warns when DICOM file or folder names spell out an identifier of the file (PatientID, PatientName, UIDs,
+    AccessionNumber): without ``--pseudonymize-paths`` the datalist would carry it.
+    """
+    dicom = [r for r in records if is_dicom_name(r.path)]
+    ids = read_identities([r.path for r in dicom], getattr(args, "workers", None))
+    n = 0
+    for r in dicom:
+        ident = ids.get(str(r.path))
+        if r.patient is None and ident is not None and ident.patient_id is not None:
+            r.patient, r.patient_source = ident.patient_id, ID_FROM_DICOM
+            n += 1
+    named = [r.path for r in dicom if ids.get(str(r.path)) and ids[str(r.path)].identifier_in_path]
+    if named and not getattr(args, "pseudonymize_paths", False):
+        log.warning(
+            f"{len(named)} DICOM file(s) have one of their own identifiers (PatientID, PatientName, a UID or the "
+            f"AccessionNumber) in their file or folder name, e.g. {relpath(named[0], src)}; the datalist would carry "
+            "it. Re-run with --pseudonymize-paths (see data_prep/README.md)."
+        )
+    return n
+
+
+def _source_name(args: argparse.Namespace, src: Path) -> str:
+    """SRC's name for the header description, unless paths are pseudonymised (the name may carry a patient's)."""
+    return "SRC" if getattr(args, "pseudonymize_paths", False) else src.name
+
+
 def _defaults(args: argparse.Namespace, official: set[str]) -> None:
     if "test" not in official and args.test_count is None and args.test_fraction is None:
         args.test_fraction = 0.2
@@ -106,16 +142,19 @@ def scan_folder(args: argparse.Namespace) -> Scan:
         if rx is not None:
             m = rx.search(f.name)
             pid = m.group(1) if m else None
-        records.append(Record(path=f.absolute(), label=names.index(cname), patient=pid, split=split))
+        records.append(Record(path=f.absolute(), label=names.index(cname), patient=pid, split=split,
+                              patient_source=ID_FROM_NAME if pid is not None else None))
     empty = [n for n in names if not any(it[1] == n for it in items)]
     if empty:
         raise LayoutError(f"class folder(s) {', '.join(empty)} contain no images")
+    n_dicom = add_dicom_patients(records, args, src)
     return Scan(
         layout="folder", records=records, class_names=list(names),
         task="binary" if len(names) == 2 else "multiclass",
         spatial_dims=_dims([it[2] for it in items], args.spatial_dims), modality=args.modality,
-        description=f"class-per-folder images from {src.name}",
-        options={"class_names": args.class_names, "patient_regex": args.patient_regex},
+        description=f"class-per-folder images from {_source_name(args, src)}",
+        options={"class_names": args.class_names, "patient_regex": args.patient_regex,
+                 "dicom_patient_ids": n_dicom},
         official=official,
     )
 
@@ -163,14 +202,16 @@ def scan_csv(args: argparse.Namespace) -> Scan:
             split = SPLIT_VALUES[v]
             official.add(split)
         pid = row[args.patient_column] if args.patient_column and row[args.patient_column] else None
-        records.append(Record(path=path.absolute(), label=lab, patient=pid, split=split))
+        records.append(Record(path=path.absolute(), label=lab, patient=pid, split=split,
+                              patient_source=ID_FROM_CSV if pid is not None else None))
+    n_dicom = add_dicom_patients(records, args, src if src.is_dir() else src.parent)
     _defaults(args, official)
     return Scan(
         layout="csv", records=records, class_names=names, task="binary" if len(names) == 2 else "multiclass",
         spatial_dims=_dims([r.path for r in records], args.spatial_dims), modality=args.modality,
-        description=f"images listed in {src.name}",
+        description=f"images listed in {_source_name(args, src)}",
         options={"path_column": args.path_column, "label_column": args.label_column,
                  "patient_column": args.patient_column, "split_column": args.split_column,
-                 "class_names": args.class_names},
+                 "class_names": args.class_names, "dicom_patient_ids": n_dicom},
         official=official,
     )

@@ -4,8 +4,9 @@ DICOM series are converted to NIfTI (``<stem>_images/<hash>.nii.gz`` next to the
 geometry and pixel tags (ImagePositionPatient, ImageOrientationPatient, PixelSpacing, SliceThickness, RescaleSlope,
 RescaleIntercept, pixel data) and builds the NIfTI header from scratch, so no DICOM text (PatientName, PatientID,
 dates, institution ...) reaches the output. Converted files are named by a salted hash of the series folder, because
-hospital exports often name folders after the patient. Patient grouping uses the CSV's patient column, else the
-DICOM PatientID tag, both salted-hashed.
+hospital exports often name folders after the patient; that salt is always a secret one (see :mod:`data_prep.phi`).
+Patient grouping uses the CSV's patient column, else the DICOM PatientID tag, both salted-hashed. All slices of a
+series must carry the same PatientID: a folder that mixes patients is an error (the message never shows the IDs).
 
 Geometry: voxels are stored as (column, row, slice), with the DICOM LPS affine converted to NIfTI's RAS.
 """
@@ -13,14 +14,14 @@ Geometry: voxels are stored as (column, row, slice), with the DICOM LPS affine c
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..common import LayoutError, Record, Scan, natural_key, parse_class_map
-from ..phi import patient_hash, resolve_salt
+from ..common import ID_FROM_CSV, ID_FROM_DICOM, LayoutError, Record, Scan, log, natural_key, parse_class_map
+from ..dicomtags import patient_id_of
+from ..phi import SaltResolver, patient_hash, quiet_dicom, redact
 from ..writer import StagingDir, gzip_deterministic
 from ._csvutil import read_csv
 from .tabular import SPLIT_VALUES, labels_to_ints
@@ -59,17 +60,19 @@ def _read_series_pydicom(folder: Path) -> tuple[np.ndarray, np.ndarray, dict[str
     import pydicom
 
     slices = []
-    for f in sorted((p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")),
-                    key=lambda p: natural_key(p.name)):
-        try:
-            ds = pydicom.dcmread(str(f))
-        except pydicom.errors.InvalidDicomError:
-            continue  # not DICOM (README, DICOMDIR index ...): ignored
-        if "PixelData" not in ds:
-            continue
-        slices.append((f, ds))
+    with quiet_dicom():
+        for f in sorted((p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")),
+                        key=lambda p: natural_key(p.name)):
+            try:
+                ds = pydicom.dcmread(str(f))
+            except pydicom.errors.InvalidDicomError:
+                continue  # not DICOM (README, DICOMDIR index ...): ignored
+            if "PixelData" not in ds:
+                continue
+            slices.append((f, ds))
     if not slices:
         raise LayoutError(f"{folder}: no DICOM images with pixel data")
+    patient = _one_patient(folder, [ds for _, ds in slices])
     uids = {str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in slices}
     if len(uids) > 1:
         raise LayoutError(f"{folder}: holds {len(uids)} DICOM series; put each series in its own folder")
@@ -113,16 +116,16 @@ def _read_series_pydicom(folder: Path) -> tuple[np.ndarray, np.ndarray, dict[str
                 slice_vec = normal * float(getattr(ds0, "SliceThickness", 1.0) or 1.0)
     except LayoutError:
         raise
-    except Exception as exc:
-        raise LayoutError(f"{folder}: cannot decode the pixel data ({type(exc).__name__}: {exc}); "
-                          "try --dicom-reader itk") from exc
+    except Exception as exc:  # the decoder's message may quote tag values: redact them
+        raise LayoutError(f"{folder}: cannot decode the pixel data ({type(exc).__name__}: "
+                          f"{redact(str(exc), ds0)}); try --dicom-reader itk") from None
     lps = np.eye(4)
     lps[:3, 0] = row_dir * ps[1]  # column index runs along the row direction, spaced by column spacing
     lps[:3, 1] = col_dir * ps[0]
     lps[:3, 2] = slice_vec
     lps[:3, 3] = origin
     data = np.ascontiguousarray(np.transpose(stack, (2, 1, 0)))  # (k, r, c) -> (c, r, k)
-    info = {"modality": str(getattr(ds0, "Modality", "") or ""), "patient": _patient_tag(ds0)}
+    info = {"modality": str(getattr(ds0, "Modality", "") or ""), "patient": patient}
     return data, _lps_to_ras(lps), info
 
 
@@ -130,9 +133,19 @@ def _needs_float(ds: Any) -> bool:
     return float(getattr(ds, "RescaleSlope", 1) or 1) != 1 or float(getattr(ds, "RescaleIntercept", 0) or 0) != 0
 
 
-def _patient_tag(ds: Any) -> str | None:
-    v = getattr(ds, "PatientID", None)
-    return str(v) if v not in (None, "") else None  # held in memory only; hashed before any output
+def _one_patient(folder: Path, datasets: list[Any]) -> str | None:
+    """The PatientID shared by all files of a series (in memory only; hashed before any output).
+
+    A folder whose files carry different PatientIDs mixes patients in one volume: an error that names the folder and
+    the number of patients, never the IDs.
+    """
+    ids = {patient_id_of(ds) for ds in datasets}
+    if len(ids) > 1:
+        raise LayoutError(
+            f"{folder}: its DICOM files belong to {len(ids)} different patients (the PatientID tags differ; values "
+            "not shown). One series folder must hold one patient's series; split the folder in a copy of SRC."
+        )
+    return next(iter(ids))
 
 
 def _lps_to_ras(lps: np.ndarray) -> np.ndarray:
@@ -157,16 +170,18 @@ def _read_series_itk(folder: Path) -> tuple[np.ndarray, np.ndarray, dict[str, An
     lps[:3, :3] = direction @ np.diag(spacing)
     lps[:3, 3] = origin
     data = np.ascontiguousarray(np.transpose(arr, (2, 1, 0)))
-    # the PatientID for grouping is read with pydicom from one file (ITK's metadata dictionary is not kept)
-    info: dict[str, Any] = {"modality": "", "patient": None}
-    try:
-        import pydicom
+    # the PatientID for grouping is read with pydicom (ITK's metadata dictionary is not kept), from every file
+    import pydicom
 
-        first = next(p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith("."))
-        ds = pydicom.dcmread(str(first), stop_before_pixels=True)
-        info = {"modality": str(getattr(ds, "Modality", "") or ""), "patient": _patient_tag(ds)}
-    except Exception:
-        pass
+    headers = []
+    with quiet_dicom():
+        for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+            try:
+                headers.append(pydicom.dcmread(str(f), stop_before_pixels=True))
+            except Exception:
+                continue  # not DICOM: ITK ignored it too
+    modality = str(getattr(headers[0], "Modality", "") or "") if headers else ""
+    info: dict[str, Any] = {"modality": modality, "patient": _one_patient(folder, headers) if headers else None}
     return data, _lps_to_ras(lps), info
 
 
@@ -238,14 +253,16 @@ def scan(args: argparse.Namespace) -> Scan:
     unlabeled = [p for p in (niftis or series) if p not in used]
     if unlabeled:
         # DICOM series folders are often named after the patient: name only NIfTI files in this log line
-        example = f", e.g. {unlabeled[0].relative_to(src)}" if niftis else ""
-        print(f"volumes: {len(unlabeled)} volume(s) have no row in {labels_csv.name} and are left out{example}",
-              file=sys.stderr)
+        example = (f", e.g. {unlabeled[0].relative_to(src)}"
+                   if niftis and not getattr(args, "pseudonymize_paths", False) else "")
+        log.warning(f"volumes: {len(unlabeled)} volume(s) have no row in {labels_csv.name} and are left out{example}")
     labels, names = labels_to_ints([r[args.label_column] for r in rows], parse_class_map(args.class_names),
                                    str(labels_csv), args.label_column)
     out = Path(args.out).absolute()
+    # converted series are named by a salted hash of their folder (often the patient's name): a secret salt
+    resolver = getattr(args, "salt_resolver", None) or SaltResolver(args.salt, out_dir=out.parent, src_root=src)
+    salt = resolver.get(need_secret=True).value if series else None
     staging = StagingDir(out.parent / f"{out.stem}_images") if series else None
-    salt, _ = resolve_salt(args.salt)
     modalities: set[str] = set()
     official: set[str] = set()
     records: list[Record] = []
@@ -256,6 +273,7 @@ def scan(args: argparse.Namespace) -> Scan:
                                             disable=not args.progress, leave=False)):
             p = items[row[args.id_column]]
             patient = row[args.patient_column] if args.patient_column and row[args.patient_column] else None
+            source = ID_FROM_CSV if patient is not None else None
             split = None
             if args.split_column:
                 v = row[args.split_column].lower()
@@ -264,7 +282,8 @@ def scan(args: argparse.Namespace) -> Scan:
                 split = SPLIT_VALUES[v]
                 official.add(split)
             if staging is None:
-                records.append(Record(path=p.absolute(), label=lab, patient=patient, split=split))
+                records.append(Record(path=p.absolute(), label=lab, patient=patient, split=split,
+                                      patient_source=source))
                 continue
             reader = _read_series_itk if args.dicom_reader == "itk" else _read_series_pydicom
             data, affine, info = reader(p)
@@ -272,8 +291,10 @@ def scan(args: argparse.Namespace) -> Scan:
                 modalities.add(info["modality"])
             name = "series_" + patient_hash(p.relative_to(src).as_posix(), salt) + ".nii.gz"
             (staging.path / name).write_bytes(nifti_bytes(data, affine))
+            if patient is None and info["patient"] is not None:
+                patient, source = info["patient"], ID_FROM_DICOM
             records.append(Record(path=staging.final / name, read_path=staging.path / name, label=lab,
-                                  patient=patient or info["patient"], split=split))
+                                  patient=patient, split=split, patient_source=source))
     except BaseException:
         if staging is not None:
             staging.abort()
@@ -287,7 +308,7 @@ def scan(args: argparse.Namespace) -> Scan:
         layout="volumes", records=records, class_names=names, task="binary" if len(names) == 2 else "multiclass",
         spatial_dims=3, modality=modality,
         description=f"3D volumes ({'DICOM series converted to NIfTI' if series else 'NIfTI'}) labelled by "
-                    f"{labels_csv.name}",
+                    f"{'a CSV' if getattr(args, 'pseudonymize_paths', False) else labels_csv.name}",
         options={"labels": labels_csv.name, "id_column": args.id_column, "label_column": args.label_column,
                  "patient_column": args.patient_column, "split_column": args.split_column,
                  "class_names": args.class_names, "source_format": "dicom" if series else "nifti",
