@@ -4,8 +4,10 @@ classifiers as MONAI bundle workflows, tracked in MLflow."""
 __version__ = "0.1.0"
 
 from ffcl_monai.errors import install_excepthook as _install_excepthook
+from ffcl_monai.redaction import install_log_redaction as _install_log_redaction
 
 _install_excepthook()
+_install_log_redaction()  # before MONAI's run summary echoes a --tracking_uri with credentials
 
 
 def bundle_root() -> str:

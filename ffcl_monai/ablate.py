@@ -184,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from ffcl_monai.handlers.mlflow_tracking import check_tracking, tracking_uri
+    from ffcl_monai.redaction import redact_uri
     from ffcl_monai.pipeline import run_step
 
     datalist = str(Path(args.datalist).resolve())
@@ -266,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n" + (out / "table.md").read_text())
     print(f"ablation wall time this invocation: {wall:.0f} s; sum of variant wall times: "
           f"{sum(r['wall_s'] for r in rows):.0f} s")
-    print(f"files: {out}/table.md, table.csv, table.png; MLflow: mlflow ui --backend-store-uri {uri}")
+    print(f"files: {out}/table.md, table.csv, table.png; MLflow: mlflow ui --backend-store-uri {redact_uri(uri)}")
     return 0
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from monai.bundle import run as bundle_run
 
 import ffcl_monai
+from ffcl_monai.redaction import redact_uri
 from ffcl_monai.handlers.reports import format_metrics_table
 
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nDemo test metrics (n={}):\n{}".format(
         json.loads((out / "metrics.json").read_text())["n"], format_metrics_table(metrics)))
     print(f"\nFiles: {out}/metrics.json, predictions.csv, roc.png, confusion_matrix.png, training_curves.png")
-    print(f"MLflow UI: mlflow ui --backend-store-uri {uri}")
+    print(f"MLflow UI: mlflow ui --backend-store-uri {redact_uri(uri)}")
     return 0
 
 

@@ -39,6 +39,7 @@ from typing import Any
 import ffcl_monai
 from ffcl_monai.data.distributed import barrier, broadcast_object, is_rank0
 from ffcl_monai.handlers.mlflow_tracking import close_parent_run, open_parent_run
+from ffcl_monai.redaction import redact_uri
 from ffcl_monai.networks.checkpoints import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -282,7 +283,7 @@ def run_pipeline(parser: Any) -> dict[str, Any]:
         return summary
     atomic_write_text(out / "pipeline_summary.json", json.dumps(summary, indent=2, default=str))
     print(f"== FFCL pipeline done in {state['wall_s']:.0f} s: {out}/pipeline_summary.json; "
-          f"MLflow: mlflow ui --backend-store-uri {uri}", flush=True)
+          f"MLflow: mlflow ui --backend-store-uri {redact_uri(uri)}", flush=True)
     return summary
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,64 @@ def stratified_subset(items: list[dict], fraction: float, seed: int) -> list[dic
     return [items[i] for i in sorted(chosen)]
 
 
+def _class_name(i: int, names: list[str] | None) -> str:
+    return f"{i} ({names[i]})" if names and i < len(names) else str(i)
+
+
+def check_auc_split(
+    items: list[dict[str, Any]], num_classes: int, task: str, where: str, class_names: list[str] | None = None
+) -> None:
+    """Refuse a split on which the ROC-AUC that selects the best model is undefined; warn when it is partial.
+
+    - binary / multiclass: fewer than two classes present -> :class:`DatalistError`; a class missing from a
+      multiclass split only warns (the macro AUC then leaves it out).
+    - multilabel: no label with both positives and negatives -> :class:`DatalistError`; a label without positives or
+      without negatives (ignoring -1) only warns (its AUC is left out of the macro mean).
+
+    Args:
+        items: the split's entries (validated labels).
+        num_classes: number of classes / labels.
+        task: ``binary``, ``multiclass`` or ``multilabel``.
+        where: the datalist and split, named in the message.
+        class_names: names shown next to the class indices.
+    """
+    fix = (
+        "Re-create the split stratified by class (`python -m data_prep <layout> SRC --out datalist.json --val-count N` "
+        "carves a stratified validation split) or add images of the missing class(es) to it."
+    )
+    if task == "multilabel":
+        labels = np.array([it["label"] for it in items], dtype=np.float64).reshape(len(items), -1)
+        pos, neg = (labels == 1).sum(axis=0), (labels == 0).sum(axis=0)
+        partial = [j for j in range(labels.shape[1]) if not (pos[j] and neg[j])]
+        if len(partial) == labels.shape[1]:
+            raise DatalistError(
+                f"{where}: no label has both positive and negative images ({len(items)} images), so the validation AUC "
+                f"that selects the best model is undefined. {fix}"
+            )
+        if partial:
+            shown = ", ".join(f"{_class_name(j, class_names)}: {int(pos[j])} pos / {int(neg[j])} neg" for j in partial)
+            warnings.warn(
+                f"{where}: label(s) without positives or without negatives: {shown}. Their AUC is undefined and left "
+                f"out of the macro AUC that selects the best model. {fix}",
+                stacklevel=2,
+            )
+        return
+    counts = Counter(int(it["label"]) for it in items)
+    missing = [c for c in range(num_classes) if c not in counts]
+    if len(counts) < 2:
+        present = ", ".join(_class_name(c, class_names) for c in sorted(counts))
+        raise DatalistError(
+            f"{where}: all {len(items)} images are of class {present}; the validation AUC that selects the best model "
+            f"needs at least two classes (missing: {', '.join(_class_name(c, class_names) for c in missing)}). {fix}"
+        )
+    if missing:
+        warnings.warn(
+            f"{where}: no images of class(es) {', '.join(_class_name(c, class_names) for c in missing)}; their AUC is "
+            f"left out of the macro AUC that selects the best model. {fix}",
+            stacklevel=2,
+        )
+
+
 def load_datalist(
     datalist: str | os.PathLike,
     split: str = "training",
@@ -140,6 +199,7 @@ def load_datalist(
     label_fraction: float = 1.0,
     seed: int = 0,
     base_dir: str | os.PathLike | None = None,
+    require_auc: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Load one split of a decathlon datalist with absolute image paths, validated.
 
@@ -152,9 +212,13 @@ def load_datalist(
         label_fraction: keep a seeded, stratified fraction of the entries (label-efficiency studies).
         seed: seed of that subset.
         base_dir: folder that relative paths are relative to (default: the JSON's folder).
+        require_auc: refuse a split whose ROC-AUC is undefined (:func:`check_auc_split`). Default: on for the
+            ``validation`` split of labelled data, which selects the best model by AUC, so such a run stops when the
+            split is loaded, before any epoch.
 
     Raises:
-        DatalistError: naming the datalist entry and the fix, for missing files, bad labels or an empty split.
+        DatalistError: naming the datalist entry and the fix, for missing files, bad labels, an empty split or a
+            validation split with a single class.
     """
     if split not in SPLITS:
         raise DatalistError(f"unknown split {split!r}; use one of {SPLITS}.")
@@ -191,6 +255,11 @@ def load_datalist(
             f"{len(missing)} image(s) listed in {datalist} do not exist:\n  {shown}{more}\n"
             "Paths are relative to the datalist's folder. Fix the paths or re-run data_prep."
         )
+    if require_auc is None:
+        require_auc = split == "validation" and require_labels
+    if require_auc and num_classes is not None:
+        names = class_names_from_header(read_header(datalist), f"datalist {datalist} header")
+        check_auc_split(items, num_classes, task, f"datalist {datalist}, split {split!r}", names)
     if label_fraction < 1:
         items = stratified_subset(items, label_fraction, seed)
     return items

@@ -1,7 +1,9 @@
 """The few transforms MONAI does not have, and the cached dataset builder.
 
 The bundle configs list MONAI transforms explicitly (so users can change them); this module adds only:
-- :class:`LoadImageNamedd`: MONAI's LoadImaged whose errors name the file and the fix.
+- :class:`LoadImageNamedd`: MONAI's LoadImaged whose errors name the file and the fix, which refuses NIfTI files
+  whose header declares more than :data:`MAX_IMAGE_VOXELS` voxels or :data:`MAX_IMAGE_DIM` along an axis (before
+  decoding: a few-KB ``.nii.gz`` can declare terabytes), and images with NaN or infinite pixel values.
 - :class:`EnsureChannelsd`: grayscale conversion of RGB-stored images and a dimensionality check that catches 2D
   data given to a 3D config (and vice versa) while the cache is built, before training.
 - :class:`LabelToTensord`: integer labels -> long tensors, multi-label lists -> float tensors (batchable).
@@ -13,10 +15,14 @@ The bundle configs list MONAI transforms explicitly (so users can change them); 
 
 from __future__ import annotations
 
+import io
+import math
+import os
 import sys
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import CacheDataset, Dataset
@@ -26,23 +32,121 @@ from monai.utils import MAX_SEED, TransformBackends
 from ffcl_monai.errors import UserInputError
 
 
+#: Largest image a NIfTI header may declare, in voxels (all axes, channels and time points multiplied): 2**31, i.e.
+#: 8 GiB as float32, far above any CT/MR volume (512 x 512 x 2000 is 0.5 * 2**30). Checked from the header alone.
+MAX_IMAGE_VOXELS = 2**31
+#: Largest size a NIfTI header may declare along any one axis.
+MAX_IMAGE_DIM = 8192
+#: File name endings whose header :func:`check_nifti_header` reads (NIfTI-1/-2, plain or compressed).
+NIFTI_SUFFIXES = (".nii", ".nii.gz", ".nii.bz2", ".nii.zst")
+
+
 class ImageReadError(UserInputError):
     """An image could not be read or has the wrong shape; the message names the file and the fix."""
 
 
+class ImageTooLargeError(ImageReadError):
+    """A file's header declares an image larger than :data:`MAX_IMAGE_VOXELS` / :data:`MAX_IMAGE_DIM`."""
+
+
+class NonFiniteImageError(ImageReadError):
+    """An image holds NaN or infinite pixel values."""
+
+
+def _nifti_shape(path: str) -> tuple[int, ...]:
+    """The data shape a NIfTI-1/-2 header declares, reading only the header bytes (no extensions, no data)."""
+    import nibabel as nib
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(path) as f:  # decompresses only the bytes asked for
+        raw = f.read(540)
+    if len(raw) < 348:
+        raise ImageReadError(
+            f"{path}: {len(raw)} bytes, too short for a NIfTI header; the file is truncated or not NIfTI. Replace it or "
+            "remove it from the datalist."
+        )
+    size_le, size_be = int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")
+    klass = nib.Nifti2Header if 540 in (size_le, size_be) else nib.Nifti1Header
+    try:
+        header = klass.from_fileobj(io.BytesIO(raw[: klass.template_dtype.itemsize]), check=False)
+        return tuple(int(n) for n in header.get_data_shape())
+    except Exception as e:
+        raise ImageReadError(f"{path}: invalid NIfTI header ({type(e).__name__}: {e}). Re-export the file.") from None
+
+
+def check_nifti_header(path: str | os.PathLike) -> tuple[int, ...] | None:
+    """Refuse a NIfTI file whose header declares more than :data:`MAX_IMAGE_VOXELS` voxels or :data:`MAX_IMAGE_DIM`
+    along an axis, before anything is decoded (a compressed file of a few KB can declare terabytes).
+
+    Returns:
+        the declared shape, or None for a file that is not NIfTI (by name).
+
+    Raises:
+        ImageTooLargeError: naming the file, its shape and the limits.
+    """
+    name = str(path)
+    if not name.lower().endswith(NIFTI_SUFFIXES):
+        return None
+    shape = _nifti_shape(name)
+    voxels = math.prod(shape)
+    if voxels > MAX_IMAGE_VOXELS or any(n > MAX_IMAGE_DIM for n in shape):
+        raise ImageTooLargeError(
+            f"image {name}: its header declares shape {shape} ({voxels:,} voxels), above the limit of "
+            f"{MAX_IMAGE_VOXELS:,} voxels and {MAX_IMAGE_DIM} per axis (ffcl_monai.data.transforms.MAX_IMAGE_VOXELS / "
+            "MAX_IMAGE_DIM); it was not decoded. The file is corrupt or hostile, or needs cropping/resampling before "
+            "use: replace it or remove it from the datalist."
+        )
+    return shape
+
+
+def check_finite(img: Any, source: str) -> None:
+    """Raise :class:`NonFiniteImageError` naming ``source`` if the floating image ``img`` holds NaN or +-Inf values."""
+    t = img if isinstance(img, torch.Tensor) else torch.as_tensor(np.asarray(img))
+    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+        return
+    n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    raise NonFiniteImageError(
+        f"image {source} has {n_nan} NaN and {n_inf} infinite pixel value(s) out of {t.numel()}; they would make the "
+        "loss, the metrics or the predicted probabilities NaN. Fix the file (e.g. replace NaN by the background value "
+        "where it was converted) or remove it from the datalist."
+    )
+
+
+def _paths(value: Any) -> list[str]:
+    """The file name(s) of one datalist value (a path or a list of paths)."""
+    if isinstance(value, (str, os.PathLike)):
+        return [str(value)]
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value if isinstance(v, (str, os.PathLike))]
+    return []
+
+
 class LoadImageNamedd(LoadImaged):
-    """``LoadImaged`` whose failures (missing, unreadable, truncated files) raise :class:`ImageReadError`."""
+    """``LoadImaged`` that names the file and the fix in every failure.
+
+    - NIfTI headers are checked first (:func:`check_nifti_header`): a declared shape above :data:`MAX_IMAGE_VOXELS` /
+      :data:`MAX_IMAGE_DIM` raises :class:`ImageTooLargeError` without decoding the data;
+    - missing, unreadable or truncated files raise :class:`ImageReadError`;
+    - a loaded image with NaN or infinite values raises :class:`NonFiniteImageError`.
+    """
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
+        files = {k: _paths(data[k]) for k in self.keys if k in data}
+        for names in files.values():
+            for name in names:
+                check_nifti_header(name)
         try:
-            return super().__call__(data, reader)
+            d = super().__call__(data, reader)
         except Exception as e:
-            files = [str(data.get(k)) for k in self.keys if k in data]
+            shown = [n for names in files.values() for n in names] or [str(data.get(k)) for k in self.keys]
             raise ImageReadError(
-                f"cannot read image {', '.join(files)}: {type(e).__name__}: {e}. The file is missing, truncated or "
+                f"cannot read image {', '.join(shown)}: {type(e).__name__}: {e}. The file is missing, truncated or "
                 "not an image. Replace or remove it from the datalist (`python -m data_prep check DATALIST` lists "
                 "every bad file)."
             ) from e
+        for key in self.key_iterator(d):
+            check_finite(d[key], ", ".join(files.get(key, [])) or str(key))
+        return d
 
 
 class EnsureChannelsd(MapTransform):
@@ -192,5 +296,5 @@ def cached_dataset(
     except Exception as e:
         read_error = _find_read_error(e)
         if read_error is not None:
-            raise ImageReadError(str(read_error)) from None
+            raise type(read_error)(str(read_error)) from None  # the subclass too (too large, NaN, ...)
         raise

@@ -82,11 +82,16 @@ def save_resolved_config(output_dir: str | os.PathLike, name: str = "config_reso
     """Write the merged config (all files + CLI overrides) to ``output_dir`` for MLflow and for reproducibility.
 
     Called from a config's ``initialize``; the running ConfigParser is taken from the call stack, so what is saved
-    is exactly what runs.
+    is exactly what runs, except that credentials in any value (a ``--tracking_uri`` with ``user:password@`` or
+    ``?token=``) are replaced by ``***`` (:func:`~ffcl_monai.redaction.redact_uri`): the file is also
+    logged to MLflow as an artifact.
     """
+    from ffcl_monai.redaction import redact_values
+
     parser = _find_parser()
     content = parser.get() if parser is not None else {"argv": sys.argv}
-    return str(atomic_write_text(Path(output_dir) / name, json.dumps(content, indent=2, default=str)))
+    content = redact_values(json.loads(json.dumps(content, default=str)))  # plain JSON types, then redacted
+    return str(atomic_write_text(Path(output_dir) / name, json.dumps(content, indent=2)))
 
 
 def save_dataset_summary(output_dir: str | os.PathLike, datalist: str, class_names: list[str] | None = None) -> str:

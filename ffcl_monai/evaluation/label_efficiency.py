@@ -199,7 +199,7 @@ def run_curve(
     child run stays under the earlier parent run); lets random-init cells run while pretraining is still going.
     """
     from ffcl_monai.data.datalist import load_datalist
-    from ffcl_monai.handlers.mlflow_tracking import tracking_uri
+    from ffcl_monai.handlers.mlflow_tracking import experiment_id, tracking_uri
 
     bad = [m for m in modes if m not in MODES] + [i for i in inits if i not in INITS]
     if bad:
@@ -219,8 +219,7 @@ def run_curve(
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = experiment_id(client, experiment, uri)  # artifacts next to the store, never in <cwd>/mlruns
     parent = client.create_run(exp_id, run_name=name, tags={"pretrained_ckpt": ckpt})
     parent_id = parent.info.run_id
     client.log_param(parent_id, "pretrained_ckpt", ckpt)

@@ -10,6 +10,10 @@ never kills a week-long run.
   (pipelines, ablations), and that steps aside when ``--tracking mlflow`` attached MONAI's own handler too.
 - :func:`log_report`: one call that logs params, metrics and artifacts to a (possibly nested) run, used by the
   evaluate workflow and by pipelines.
+- :func:`~ffcl_monai.redaction.redact_uri` (re-exported here): the one redaction of credentials (``user:password@``,
+  ``?token=...``) applied to every URI or message this module prints, raises or logs, and to MLflow params.
+- :func:`artifact_location`: every experiment the project creates in a local SQLite store keeps its artifacts in
+  ``mlruns/`` next to the store (under ``output_dir``), as MONAI's handler does, never in ``<cwd>/mlruns``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -29,9 +34,37 @@ from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 from monai.utils import flatten_dict
 
+from ffcl_monai.redaction import has_credentials, redact_uri, redact_values  # noqa: F401  (re-exported)
+
 logger = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
+
+def artifact_location(uri: str) -> str | None:
+    """Artifact root of a new experiment: ``<store folder>/mlruns`` (a file URI) for a local SQLite store, else None
+    (a tracking server decides).
+
+    Without it MLflow puts artifacts of a SQLite-backed experiment in ``<cwd>/mlruns``, outside ``output_dir``. The
+    path is the one MONAI's ``MLFlowHandler`` uses, so runs of every workflow of one store share one folder.
+    """
+    if not isinstance(uri, str) or not uri.startswith("sqlite:///"):
+        return None
+    db_path = Path(uri[len("sqlite:///") :].split("?", 1)[0])
+    return (db_path.parent / "mlruns").absolute().as_uri()
+
+
+def experiment_id(client: Any, name: str, uri: str) -> str:
+    """Id of experiment ``name``, created with :func:`artifact_location` when it does not exist yet."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(uri))
+    except Exception:  # another process (rank, pipeline step) created it in between
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def tracking_uri(output_dir: str | os.PathLike) -> str:
@@ -48,13 +81,27 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> str:
     """Fail fast, with a clear message, when the tracking store cannot be used. Returns the URI.
 
     Also prints the ``mlflow ui`` command for local stores so that users know where to look.
+
+    Credentials in the URI (``user:password@``, ``?token=``) never appear in its messages (:func:`redact_uri`); they
+    are accepted with a warning that recommends MLflow's ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` /
+    ``MLFLOW_TRACKING_TOKEN`` variables, and MLflow's own "View run at <URI>" lines are switched off for such a URI.
     """
     import mlflow
 
+    shown = redact_uri(uri)
     if uri.startswith("file:") or "://" not in uri:
         raise ValueError(
-            f"MLflow tracking URI {uri!r} is a file store, which MLflow 3 / MONAI 1.6.1 reject. Use "
+            f"MLflow tracking URI {shown!r} is a file store, which MLflow 3 / MONAI 1.6.1 reject. Use "
             "sqlite:///path/mlruns.db or an http(s) server (set `tracking_uri` or MLFLOW_TRACKING_URI)."
+        )
+    if has_credentials(uri):
+        # MLflow prints "View run at <tracking URI>/#/..." after each run, credentials included.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+        logger.warning(
+            "the MLflow tracking URI %s carries credentials; this project redacts them from its messages, logs, files and "
+            "MLflow params, but a command line is visible to other users of the machine (ps). Prefer MLFLOW_TRACKING_URI "
+            "without credentials plus MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN.",
+            shown,
         )
     if uri.startswith(("http://", "https://")):
         # A short timeout and no long retry loop: the user should learn at once that the server is down.
@@ -64,16 +111,20 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> str:
         mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as e:
         raise RuntimeError(
-            f"cannot reach the MLflow tracking store {uri!r}: {type(e).__name__}: {e}. Start the server, fix "
-            "MLFLOW_TRACKING_URI / `tracking_uri`, or unset it to use the local SQLite store under output_dir."
+            f"cannot reach the MLflow tracking store {shown!r}: {type(e).__name__}: {redact_uri(str(e))}. Start the "
+            "server, fix MLFLOW_TRACKING_URI / `tracking_uri`, or unset it to use the local SQLite store under "
+            "output_dir."
         ) from None
     if uri.startswith("sqlite:///"):
-        logger.info("MLflow store: %s  (view with: mlflow ui --backend-store-uri %s)", uri, uri)
+        logger.info("MLflow store: %s  (view with: mlflow ui --backend-store-uri %s)", shown, shown)
     return uri
 
 
 def _warn(what: str, e: Exception) -> None:
-    warnings.warn(f"MLflow {what} failed ({type(e).__name__}: {e}); training continues, local copies are in output_dir.")
+    warnings.warn(
+        f"MLflow {what} failed ({type(e).__name__}: {redact_uri(str(e))}); training continues, local copies are in "
+        "output_dir."
+    )
 
 
 # Runs started by SafeMLFlowHandler in this process and not closed yet (run id -> client). A run that a crash,
@@ -194,15 +245,17 @@ class SafeMLFlowHandler(MLFlowHandler):
             if self.cur_run:
                 _watch_run(self.cur_run.info.run_id, self.client)
         except Exception as e:
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or getattr(self.client, "tracking_uri", "?")
+            # `from None`: the original exception repeats the URI, credentials included
             raise RuntimeError(
-                f"MLflow could not start a run at {os.environ.get('MLFLOW_TRACKING_URI') or getattr(self, 'tracking_uri', '?')}: {e}"
-            ) from e
+                f"MLflow could not start a run at {redact_uri(str(uri))}: {type(e).__name__}: {redact_uri(str(e))}"
+            ) from None
 
     def _log_params(self, params: dict[str, Any]) -> None:
         if self._stepped_aside:
             return
         try:
-            super()._log_params(params)
+            super()._log_params({k: redact_uri(str(v)) for k, v in params.items()})
         except Exception as e:
             _warn("param logging", e)
 
@@ -245,7 +298,7 @@ def _flat_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(v, Mapping):
             out.update(_flat_params(v, key + "."))
         else:
-            out[key] = str(v)[:500]  # MLflow caps param values
+            out[key] = redact_uri(str(v))[:500]  # no credentials in params; MLflow caps param values
     return out
 
 
@@ -270,9 +323,8 @@ def log_report(
 
     try:
         client = mlflow.MlflowClient(tracking_uri=uri)
-        exp = client.get_experiment_by_name(experiment_name)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment_name)
-        all_tags = dict(tags or {})
+        exp_id = experiment_id(client, experiment_name, uri)
+        all_tags = {k: redact_uri(str(v)) for k, v in (tags or {}).items()}
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
         run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
@@ -319,8 +371,7 @@ def open_parent_run(
                 return run_id
             except Exception:  # the store was deleted: open a new parent run
                 pass
-        exp = client.get_experiment_by_name(experiment_name)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment_name)
+        exp_id = experiment_id(client, experiment_name, uri)
         tags = {PARENT_TAG: parent_run_id} if parent_run_id else {}
         return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
     except Exception as e:
@@ -348,7 +399,7 @@ def close_parent_run(
         client = mlflow.MlflowClient(tracking_uri=uri)
         run = client.get_run(run_id)
         ts = int(time.time() * 1000)
-        new_params = [mlflow.entities.Param(k, str(v)[:500]) for k, v in _flat_params(params or {}).items()
+        new_params = [mlflow.entities.Param(k, v) for k, v in _flat_params(params or {}).items()
                       if k not in run.data.params]
         mets = [mlflow.entities.Metric(k, float(v), ts, 0) for k, v in (metrics or {}).items()
                 if not math.isnan(float(v))]

@@ -1,5 +1,5 @@
-"""Handlers that make long runs trustworthy: deterministic epochs, resume, NaN guard, best-model saving and a local
-history that survives a tracking-server outage.
+"""Handlers that make long runs trustworthy: deterministic epochs, resume, NaN guard, best-model saving (never on a
+NaN metric) and a local history that survives a tracking-server outage.
 """
 
 from __future__ import annotations
@@ -195,11 +195,99 @@ def _cpu_copy(obj: Any) -> Any:
     return obj
 
 
+def _is_finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+class FiniteBestMetric:
+    """Never let a NaN (or infinite) key metric become the validator's best.
+
+    MONAI's evaluator takes the first validation as best whatever its value, and ``nan > best`` is always False, so
+    a NaN AUC at the first validation (a split without a class, NaN outputs) used to stay "best" for the whole run
+    and ``model.pt`` stayed the epoch-1 model. This handler snapshots ``best_metric``/``best_metric_epoch`` when each
+    validation starts and restores them when it ends with a non-finite key metric. A non-finite best carried over
+    (a resume checkpoint written before this fix) counts as no best.
+
+    Attach it to the validator first in ``val_handlers`` (MONAI's own comparison runs before any handler), before
+    :class:`BestModelSaver`, ``StatsHandler`` and early stopping read the best. It runs on every rank (not in
+    ``RANK0_ONLY_HANDLERS``), so multi-GPU ranks keep agreeing on the best epoch.
+    """
+
+    def __init__(self) -> None:
+        self.non_finite_epochs: list[int] = []
+        self._before: tuple[float, int] = (-1.0, -1)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._snapshot)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _snapshot(self, engine: Engine) -> None:
+        if engine.state.best_metric_epoch != -1 and not _is_finite(engine.state.best_metric):
+            engine.state.best_metric, engine.state.best_metric_epoch = -1, -1
+        self._before = (engine.state.best_metric, engine.state.best_metric_epoch)
+
+    def __call__(self, engine: Engine) -> None:
+        name = engine.state.key_metric_name
+        if name is None or _is_finite(engine.state.metrics.get(name)):
+            return
+        engine.state.best_metric, engine.state.best_metric_epoch = self._before
+        self.non_finite_epochs.append(engine.state.epoch)
+        logger.warning(
+            "validation %s is %s at epoch %d: not taken as a best model (best stays %s).", name,
+            engine.state.metrics.get(name), engine.state.epoch,
+            f"epoch {self._before[1]}" if self._before[1] > 0 else "unset",
+        )
+
+
+class NoBestModelError(FloatingPointError):
+    """Training ended without a finite validation metric, so there is no best model to keep."""
+
+
+class RequireBestModel:
+    """Fail the run (non-zero exit) when training ends without any finite validation key metric.
+
+    Attached to the trainer; at ``COMPLETED`` it checks the validator's ``best_metric_epoch``. Without it, a run
+    whose every validation AUC was NaN (or that never validated) ended "successfully" with no usable ``model.pt``.
+
+    Args:
+        validator: the evaluator whose key metric selects the best model.
+        path: the best-model checkpoint, named in the message.
+        val_interval: the trainer's validation interval, named in the message.
+    """
+
+    def __init__(self, validator: Engine, path: str | os.PathLike, val_interval: int = 1) -> None:
+        self.validator = validator
+        self.path = Path(path)
+        self.val_interval = val_interval
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        state = self.validator.state
+        if getattr(state, "best_metric_epoch", -1) >= 1 and _is_finite(getattr(state, "best_metric", None)):
+            return
+        name = getattr(state, "key_metric_name", None) or "key metric"
+        if not getattr(state, "epoch", 0):
+            cause = (f"no validation ran in {engine.state.epoch} epoch(s) (val_interval={self.val_interval}); lower "
+                     "`val_interval` or raise `max_epochs`.")
+        else:
+            cause = (f"every validation gave a non-finite {name} (last: {state.metrics.get(name)}). A NaN AUC means "
+                     "the validation split lacks a class or the network outputs NaN: re-create the split stratified "
+                     "by class, check the images, or lower `learning_rate` / disable `amp`.")
+        stale = f" The file at {self.path} is from an earlier run; do not use it." if self.path.exists() else ""
+        raise NoBestModelError(f"training finished without a best model, none was saved to {self.path}: {cause}{stale}")
+
+
 class BestModelSaver:
-    """Save ``{"model": state_dict}`` whenever the validator's key metric reaches a new best.
+    """Save ``{"model": state_dict}`` whenever the validator's key metric reaches a new, finite best.
 
     MONAI's evaluator already tracks ``best_metric``/``best_metric_epoch``; saving off that state (rather than a
-    second score bookkeeping) keeps the choice consistent across resumes.
+    second score bookkeeping) keeps the choice consistent across resumes. A non-finite best is never saved (see
+    :class:`FiniteBestMetric`, which also keeps it from blocking later epochs).
     """
 
     def __init__(self, path: str | os.PathLike, network: torch.nn.Module) -> None:
@@ -210,7 +298,7 @@ class BestModelSaver:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if engine.state.best_metric_epoch == engine.state.epoch:
+        if engine.state.best_metric_epoch == engine.state.epoch and _is_finite(engine.state.best_metric):
             net = getattr(self.network, "module", self.network)
             atomic_save({"model": net.state_dict()}, self.path)
             logger.info("new best %s=%.4f at epoch %d -> %s", engine.state.key_metric_name,
