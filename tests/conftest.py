@@ -110,6 +110,18 @@ def tiny3d(tmp_path_factory) -> Path:
     return make_3d(tmp_path_factory.mktemp("tiny3d"))
 
 
+def user_error(exc: BaseException) -> BaseException:
+    """The user-facing error (UserInputError or FloatingPointError) inside MONAI's RuntimeError wrapping."""
+    from ffcl_monai.errors import UserInputError
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, (UserInputError, FloatingPointError)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    raise AssertionError(f"no user-facing error in {exc!r}")
+
+
 def tree_digest(root: Path) -> str:
     """Hash of every file's path and bytes under root: proves inputs were not modified."""
     h = hashlib.sha256()

@@ -8,18 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, cfg, make_2d, run_bundle, tree_digest
-from ffcl_monai.errors import UserInputError
-
-
-def _user_error(exc: BaseException) -> BaseException:
-    """The user-facing error inside MONAI's RuntimeError wrapping."""
-    seen = exc
-    while seen is not None:
-        if isinstance(seen, (UserInputError, FloatingPointError)):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    raise AssertionError(f"no user-facing error in {exc!r}")
+from conftest import FAST, cfg, make_2d, run_bundle, tree_digest, user_error
 
 
 def _train(datalist: Path, out: Path, **extra) -> None:
@@ -43,7 +32,7 @@ def _expect(datalist: Path, out: Path, pattern: str, **extra) -> BaseException:
     before = tree_digest(datalist.parent)
     with pytest.raises(Exception) as info:
         _train(datalist, out, **extra)
-    err = _user_error(info.value)
+    err = user_error(info.value)
     assert pytest.importorskip("re").search(pattern, str(err)), str(err)
     assert tree_digest(datalist.parent) == before, "the input data was modified"
     assert not (out / "models" / "model.pt").exists(), "training started before the error"
@@ -107,7 +96,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
     with pytest.raises(Exception) as info:
         # 8 training images, batch 4: epoch 1 is good (2 iterations), epoch 2 diverges
         _train(data, out, batch_size=4, max_epochs=3, loss={"_target_": "test_bad_inputs.NanOnSecondEpochLoss"})
-    err = _user_error(info.value)
+    err = user_error(info.value)
     assert isinstance(err, FloatingPointError) and "epoch 2" in str(err) and "learning_rate" in str(err)
     resume = torch.load(out / "checkpoints" / "resume.pt", weights_only=True)
     assert resume["trainer"]["epoch"] == 1

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import ffcl_monai
-from conftest import FAST, make_2d, run_bundle, write_datalist
+from conftest import FAST, make_2d, run_bundle, user_error, write_datalist
 from ffcl_monai.errors import UserInputError
 from ffcl_monai.handlers.metrics import ClassificationMetrics
 
@@ -36,16 +36,6 @@ SECRET, TOKEN = "s3cret", "t0k3n"
 
 def _cfg(*names: str) -> list[str]:
     return [str(CONFIGS / n) for n in names]
-
-
-def _user_error(exc: BaseException) -> BaseException:
-    """The user-facing error inside MONAI's RuntimeError wrapping."""
-    seen = exc
-    while seen is not None:
-        if isinstance(seen, (UserInputError, FloatingPointError)):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    raise AssertionError(f"no user-facing error in {exc!r}")
 
 
 def _chain_text(exc: BaseException) -> str:
@@ -93,7 +83,7 @@ def test_nan_pixels_stop_training_naming_the_file(data, tmp_path):
     out = tmp_path / "o"
     with pytest.raises(Exception) as info:
         _train(data, out)
-    err = _user_error(info.value)
+    err = user_error(info.value)
     assert isinstance(err, UserInputError), repr(err)  # not the NaN-loss guard after an epoch of NaN
     assert "bad.npy" in str(err) and "NaN" in str(err)
     assert not (out / "history.jsonl").exists() and not (out / "models" / "model.pt").exists()
@@ -110,7 +100,7 @@ def test_nan_pixels_stop_inference_instead_of_nan_probabilities(tmp_path, monkey
     with pytest.raises(Exception) as info:
         run_bundle(_cfg("common.yaml", "inference.yaml"), images=[str(bad)], output_dir=str(out),
                    checkpoint=str(_untrained_checkpoint(tmp_path / "m.pt")), **EVAL)
-    err = _user_error(info.value)
+    err = user_error(info.value)
     assert "scan.nii.gz" in str(err) and "1 NaN and 1 infinite" in str(err)
     assert not (out / "inference.csv").exists()
 
@@ -148,7 +138,7 @@ def test_single_class_validation_split_stops_the_run_at_start(data, tmp_path):
     out = tmp_path / "o"
     with pytest.raises(Exception) as info:
         _train(data, out)
-    err = _user_error(info.value)
+    err = user_error(info.value)
     assert "validation" in str(err) and "stratified" in str(err) and "PNEUMONIA" in str(err), str(err)
     assert not (out / "history.jsonl").exists(), "an epoch ran before the error"
 
@@ -208,7 +198,7 @@ def test_every_validation_nan_fails_the_run(data, tmp_path):
     out = tmp_path / "o"
     with pytest.raises(Exception) as info:
         _train(data, out, max_epochs=1, **{NAN_METRIC: "test_security_training.AlwaysNanAUC"})
-    err = _user_error(info.value)
+    err = user_error(info.value)
     assert "without a best model" in str(err) and "val_auc" in str(err), str(err)
     assert not (out / "models" / "model.pt").exists()
 

@@ -29,14 +29,15 @@ from monai.data import CacheDataset, Dataset
 from monai.transforms import Compose, LoadImaged, MapTransform, RandomizableTransform
 from monai.utils import MAX_SEED, TransformBackends
 
+from data_prep.check import MAX_DIM, MAX_VOXELS
 from ffcl_monai.errors import UserInputError
 
 
 #: Largest image a NIfTI header may declare, in voxels (all axes, channels and time points multiplied): 2**31, i.e.
-#: 8 GiB as float32, far above any CT/MR volume (512 x 512 x 2000 is 0.5 * 2**30). Checked from the header alone.
-MAX_IMAGE_VOXELS = 2**31
-#: Largest size a NIfTI header may declare along any one axis.
-MAX_IMAGE_DIM = 8192
+#: 8 GiB as float32, far above any CT/MR volume (512 x 512 x 2000 is 0.5 * 2**30); and the largest size along any one
+#: axis (8192). Checked from the header alone. The same limits as ``python -m data_prep check`` (one definition).
+MAX_IMAGE_VOXELS = MAX_VOXELS
+MAX_IMAGE_DIM = MAX_DIM
 #: File name endings whose header :func:`check_nifti_header` reads (NIfTI-1/-2, plain or compressed).
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".nii.bz2", ".nii.zst")
 
