@@ -88,3 +88,19 @@ def test_every_iteration_value_reaches_the_store_in_batches(tmp_path, flush_secs
     assert history == [(i + 1, losses[i]) for i in range(10)]  # one point per iteration, each at its own step
     # flushed at each epoch end only, or at every iteration when the interval is 0
     assert writes == ([1, 2, 3, 4, 5, 1, 2, 3, 4, 5] if flush_secs > 1 else [0] * 10)
+
+
+def test_experiments_open_in_the_model_training_view(tmp_path):
+    """MLflow 3's UI picks its view from the experiment kind tag; untagged experiments may open in the GenAI view."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    log_report(uri, "reports", "r", params={"a": 1})  # experiment created by the project's helpers
+    handler = SafeMLFlowHandler(tracking_uri=uri, experiment_name="training", run_name="t",
+                                output_transform=lambda out: out["loss"])
+    engine = _tiny_engine([1.0])
+    handler.attach(engine)
+    engine.run([0], max_epochs=1)  # experiment created by MONAI's MLFlowHandler
+    client = mlflow.MlflowClient(uri)
+    for name in ("reports", "training"):
+        assert client.get_experiment_by_name(name).tags.get("mlflow.experimentKind") == "custom_model_development"

@@ -39,6 +39,17 @@ from ffcl_monai.redaction import has_credentials, redact_uri, redact_values  # n
 logger = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
+#: MLflow 3's UI opens an experiment in the view its kind names; without the tag it guesses, and shows the GenAI
+#: (traces) view for an experiment with no runs yet. The project's experiments are model training.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def tag_experiment_kind(client: Any, experiment_id: str) -> None:
+    """Mark the experiment as model training (:data:`EXPERIMENT_KIND`) unless someone already set a kind."""
+    exp = client.get_experiment(experiment_id)
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
 def artifact_location(uri: str) -> str | None:
     """Artifact root of a new experiment: ``<store folder>/mlruns`` (a file URI) for a local SQLite store, else None
@@ -59,7 +70,8 @@ def experiment_id(client: Any, name: str, uri: str) -> str:
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location(uri))
+        return client.create_experiment(name, artifact_location=artifact_location(uri),
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # another process (rank, pipeline step) created it in between
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -244,6 +256,7 @@ class SafeMLFlowHandler(MLFlowHandler):
             super().start(engine)
             if self.cur_run:
                 _watch_run(self.cur_run.info.run_id, self.client)
+                tag_experiment_kind(self.client, self.cur_run.info.experiment_id)
         except Exception as e:
             uri = os.environ.get("MLFLOW_TRACKING_URI") or getattr(self.client, "tracking_uri", "?")
             # `from None`: the original exception repeats the URI, credentials included
