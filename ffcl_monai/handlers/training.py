@@ -19,7 +19,7 @@ from monai.data.utils import set_rnd
 from monai.utils import set_determinism
 
 from ffcl_monai.handlers.plots import plot_curves
-from ffcl_monai.networks.checkpoints import atomic_save, safe_load
+from ffcl_monai.networks.checkpoints import atomic_save, previous_generation, safe_load
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +86,10 @@ class ResumeHandler:
     scale and growth tracker are saved and restored too, so a resumed fp16 run does not restart from the initial
     scale and skip steps again.
 
-    The state is copied at the end of the epoch and written by a background thread (temporary file + rename), so the
-    next epoch does not wait for the disk; a write still in flight is finished before the next one starts and when
-    the run ends or fails.
+    The state is copied at the end of the epoch and written by a background thread (temporary file, fsync, rename), so
+    the next epoch does not wait for the disk; a write still in flight is finished before the next one starts and when
+    the run ends or fails. The last two generations are kept (``resume.pt`` and ``resume.prev.pt``); resume falls back
+    to the older one, with a warning, when the newest is missing or damaged.
     """
 
     def __init__(
@@ -141,7 +142,7 @@ class ResumeHandler:
 
     def _write(self, payload: dict[str, Any]) -> None:
         try:
-            atomic_save(payload, self.path)
+            atomic_save(payload, self.path, keep_previous=True)  # the last two generations survive
         except BaseException as e:  # surfaced in the training thread by wait()
             self._write_error = e
 
@@ -157,12 +158,7 @@ class ResumeHandler:
     def load(self, engine: Engine) -> None:
         if not self.resume:
             return
-        if not self.path.is_file():
-            raise FileNotFoundError(
-                f"`resume` is set but there is no resume checkpoint at {self.path}. Use the same --output_dir as the "
-                "interrupted run, or drop --resume to start fresh."
-            )
-        ckpt = safe_load(self.path)
+        ckpt = self._load_newest_readable()
         self._net().load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.lr_scheduler is not None and "lr_scheduler" in ckpt:
@@ -175,7 +171,36 @@ class ResumeHandler:
         if self.validator is not None and "validator" in ckpt:
             self.validator.state.best_metric = ckpt["validator"]["best_metric"]
             self.validator.state.best_metric_epoch = ckpt["validator"]["best_metric_epoch"]
-        logger.info("resumed from %s at epoch %d", self.path, engine.state.epoch)
+        logger.info("resumed at epoch %d", engine.state.epoch)
+
+    def _load_newest_readable(self) -> dict[str, Any]:
+        """The newest resume checkpoint that loads; the previous generation when the newest is missing or damaged
+        (a crash between the two renames of a write, a disk error), saying so."""
+        older = previous_generation(self.path)
+        candidates = [p for p in (self.path, older) if p.is_file()]
+        if not candidates:
+            raise FileNotFoundError(
+                f"`resume` is set but there is no resume checkpoint at {self.path}. Use the same --output_dir as the "
+                "interrupted run, or drop --resume to start fresh."
+            )
+        errors = []
+        for path in candidates:
+            try:
+                ckpt = safe_load(path)
+                if not isinstance(ckpt, dict) or "model" not in ckpt or "trainer" not in ckpt:
+                    raise RuntimeError("not a resume checkpoint (no model/trainer state)")
+            except Exception as e:
+                errors.append(f"{path}: {e}")
+                logger.warning("resume checkpoint %s is damaged or unreadable (%s); trying the previous generation",
+                               path, str(e).splitlines()[0][:200])
+                continue
+            if path != self.path:
+                logger.warning("resuming from the previous generation %s (epoch %s): the newest one was missing or "
+                               "damaged", path, ckpt["trainer"].get("epoch"))
+            else:
+                logger.info("resuming from %s", path)
+            return ckpt
+        raise RuntimeError("no readable resume checkpoint:\n  " + "\n  ".join(errors))
 
 
 def _scaler(engine: Engine) -> Any:

@@ -20,24 +20,60 @@ from ffcl_monai.networks.backbones import Backbone
 logger = logging.getLogger(__name__)
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file and rename it, so that a crash never leaves a half-written checkpoint."""
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX: the directory entry is data of the directory)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows, where directories cannot be opened; the rename is atomic there anyway
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str | os.PathLike, write: Any, keep_previous: bool = False) -> Path:
+    """Write ``path`` through a per-process temporary file: ``write(file)``, flush, fsync, rename, fsync the folder.
+
+    The temporary file is removed when anything fails, so a full disk or a crash in ``write`` leaves nothing behind.
+    With ``keep_previous`` the file being replaced is kept as ``<stem>.prev<suffix>`` (one older generation).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks may write at once
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the new name points at them
+        if keep_previous and path.is_file():
+            os.replace(path, previous_generation(path))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
     return path
+
+
+def previous_generation(path: str | os.PathLike) -> Path:
+    """``resume.pt`` -> ``resume.prev.pt``: the generation :func:`atomic_save` keeps with ``keep_previous``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def atomic_save(obj: Any, path: str | os.PathLike, keep_previous: bool = False) -> Path:
+    """``torch.save`` through a temporary file, fsync and rename, so that a crash never leaves a half-written
+    checkpoint under the real name, and a failed write leaves no temporary file. ``keep_previous`` keeps the replaced
+    file as one older generation (:func:`previous_generation`)."""
+    return _atomic_write(path, lambda f: torch.save(obj, f), keep_previous)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file through a per-process temporary file and a rename (ranks may write the same file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    """Write a text file atomically (per-process temporary file, fsync, rename): ranks may write the same file."""
+    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
