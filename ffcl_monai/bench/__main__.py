@@ -1,4 +1,5 @@
-"""Benchmark suite entry point: ``python -m ffcl_monai.bench [all|ntxent|ffcl|ff|pipeline|simclr_epoch] [--quick]``.
+"""Benchmark suite entry point:
+``python -m ffcl_monai.bench [all|ntxent|ffcl|ff|pipeline|simclr_epoch|monitor] [--quick]``.
 
 Each benchmark lives in its own module ``ffcl_monai/bench/<name>.py`` exposing
 ``run(device: str, quick: bool, data_root: str | None) -> BenchResult``. Modules are imported lazily so that one
@@ -15,7 +16,7 @@ import torch
 
 from ffcl_monai.bench.common import BenchResult, write_report
 
-BENCHMARKS = ["ntxent", "ffcl", "ff", "pipeline", "simclr_epoch"]
+BENCHMARKS = ["ntxent", "ffcl", "ff", "pipeline", "simclr_epoch", "monitor"]
 
 
 def main(argv: list[str] | None = None) -> int:

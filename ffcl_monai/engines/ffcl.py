@@ -459,8 +459,9 @@ def init_backbone(network: nn.Module, init: str | None) -> nn.Module:
 
 
 class StageHistory:
-    """Per-epoch ``engine.state.metrics`` of a pretraining stage to ``stage_history.jsonl`` and ``stage_curves.png``
-    (per-block local losses, global loss), written at every epoch end so that MLflow's end-of-run upload finds them."""
+    """Per-epoch ``engine.state.metrics`` of a pretraining stage to ``stage_history.jsonl`` (every number, the
+    embedding monitor's included) and ``stage_curves.png`` (the per-block local losses or the global loss), written at
+    every epoch end so that MLflow's end-of-run upload finds them."""
 
     def __init__(self, output_dir: str | os.PathLike, title: str = "") -> None:
         self.dir = Path(output_dir)
@@ -483,5 +484,6 @@ class StageHistory:
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / "stage_history.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        keys = sorted({k for r in self.history for k in r if k != "epoch"})
+        # losses only: the embedding monitor's AUCs (other scale, sparse epochs) have their own embedding_monitor.png
+        keys = sorted({k for r in self.history for k in r if "loss" in k})
         plot_curves(self.history, keys, self.dir / "stage_curves.png", self.title)
