@@ -122,6 +122,9 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> str:
     try:
         mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as e:
+        if tracking_started():  # a later step of a pipeline: tracking worked before, training goes on without it
+            _warn(f"tracking check of {shown}", e)
+            return uri
         raise RuntimeError(
             f"cannot reach the MLflow tracking store {shown!r}: {type(e).__name__}: {redact_uri(str(e))}. Start the "
             "server, fix MLFLOW_TRACKING_URI / `tracking_uri`, or unset it to use the local SQLite store under "
@@ -137,6 +140,17 @@ def _warn(what: str, e: Exception) -> None:
         f"MLflow {what} failed ({type(e).__name__}: {redact_uri(str(e))}); training continues, local copies are in "
         "output_dir."
     )
+
+
+# Whether tracking has worked once in this process (a handler started a run, or a pipeline opened its parent run).
+# From then on an MLflow failure never stops training: it warns, and the run continues with its local copies
+# (history.jsonl, reports, checkpoints in output_dir). Before that, an unreachable store fails fast.
+_TRACKING: dict[str, bool] = {"started": False}
+
+
+def tracking_started() -> bool:
+    """True once tracking has worked in this process (see :data:`_TRACKING`)."""
+    return _TRACKING["started"]
 
 
 # Runs started by SafeMLFlowHandler in this process and not closed yet (run id -> client). A run that a crash,
@@ -178,7 +192,12 @@ def _log_batch(client: Any, run_id: str, metrics: Sequence[Any], params: Sequenc
 
 
 class SafeMLFlowHandler(MLFlowHandler):
-    """``monai.handlers.MLFlowHandler`` that warns instead of raising when a logging call fails mid-run.
+    """``monai.handlers.MLFlowHandler`` that never lets tracking kill training once it has started.
+
+    The first start fails fast (an unreachable store at start is a configuration error, best learnt at once). After
+    tracking has worked once in the process (:func:`tracking_started`) or for a step of a pipeline (``parent_run_id``),
+    any MLflow failure (a logging call, the evaluator's start at a later validation, closing the run) warns once and
+    switches this handler off; training finishes with its local copies in ``output_dir``.
 
     Args:
         parent_run_id: open the run as a child of this run (one parent per pipeline or ablation).
@@ -194,6 +213,7 @@ class SafeMLFlowHandler(MLFlowHandler):
         self.parent_run_id = parent_run_id
         self.iteration_flush_secs = iteration_flush_secs
         self._stepped_aside = False
+        self._offline = False  # MLflow failed after tracking had started: this run continues without it
         self._iteration_logging = False
         self._buffer: list[Any] = []  # per-iteration metrics not yet written
         self._last_flush = time.monotonic()
@@ -220,13 +240,13 @@ class SafeMLFlowHandler(MLFlowHandler):
 
     def _flush(self) -> None:
         self._last_flush = time.monotonic()
-        if not self._buffer or not self.cur_run:
+        if not self._buffer or not self.cur_run or self._silent:
             return
         batch, self._buffer = self._buffer, []
         try:
             _log_batch(self.client, self.cur_run.info.run_id, batch)
         except Exception as e:
-            _warn("metric logging", e)
+            self._go_offline("metric logging", e)
 
     def _step_aside_if_duplicated(self, engine: Engine) -> None:
         # `--tracking mlflow` appends MONAI's own MLFlowHandler to the same engine; two handlers would log every
@@ -238,8 +258,21 @@ class SafeMLFlowHandler(MLFlowHandler):
                     self._stepped_aside = True
                     return
 
+    @property
+    def _silent(self) -> bool:
+        return self._stepped_aside or self._offline
+
+    def _go_offline(self, what: str, e: Exception) -> None:
+        """After tracking has started, an MLflow failure ends this handler's logging, never the training."""
+        self._offline = True
+        self._buffer = []
+        warnings.warn(
+            f"MLflow {what} failed ({type(e).__name__}: {redact_uri(str(e))[:300]}); tracking stops for this run and "
+            "training continues. Everything stays in output_dir: history.jsonl, the reports, the checkpoints."
+        )
+
     def start(self, engine: Engine) -> None:
-        if self._stepped_aside:
+        if self._silent:
             return
         try:
             if not self.cur_run and self.parent_run_id:
@@ -257,7 +290,11 @@ class SafeMLFlowHandler(MLFlowHandler):
             if self.cur_run:
                 _watch_run(self.cur_run.info.run_id, self.client)
                 tag_experiment_kind(self.client, self.cur_run.info.experiment_id)
+            _TRACKING["started"] = True
         except Exception as e:
+            if tracking_started() or self.parent_run_id:  # e.g. the evaluator's start at a later validation
+                self._go_offline("starting or resuming the run", e)
+                return
             uri = os.environ.get("MLFLOW_TRACKING_URI") or getattr(self.client, "tracking_uri", "?")
             # `from None`: the original exception repeats the URI, credentials included
             raise RuntimeError(
@@ -265,15 +302,15 @@ class SafeMLFlowHandler(MLFlowHandler):
             ) from None
 
     def _log_params(self, params: dict[str, Any]) -> None:
-        if self._stepped_aside:
+        if self._silent:
             return
         try:
             super()._log_params({k: redact_uri(str(v)) for k, v in params.items()})
         except Exception as e:
-            _warn("param logging", e)
+            self._go_offline("param logging", e)
 
     def _log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        if self._stepped_aside:
+        if self._silent:
             return
         try:
             if self._iteration_logging and self.cur_run:
@@ -284,24 +321,26 @@ class SafeMLFlowHandler(MLFlowHandler):
             else:
                 super()._log_metrics(metrics, step)
         except Exception as e:
-            _warn("metric logging", e)
+            self._go_offline("metric logging", e)
 
     def complete(self) -> None:
-        if self._stepped_aside:
+        if self._silent:
             return
         try:
             super().complete()
         except Exception as e:
-            _warn("artifact logging", e)
+            self._go_offline("artifact logging", e)
 
     def close(self) -> None:
         self._flush()
         if self.cur_run:
             _OPEN_RUNS.pop(self.cur_run.info.run_id, None)
+        if self._offline:
+            return
         try:
             super().close()
         except Exception as e:
-            _warn("closing the run", e)
+            self._go_offline("closing the run", e)
 
 
 def _flat_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -381,12 +420,15 @@ def open_parent_run(
         if run_id:
             try:
                 client.update_run(run_id, status="RUNNING")
+                _TRACKING["started"] = True
                 return run_id
             except Exception:  # the store was deleted: open a new parent run
                 pass
         exp_id = experiment_id(client, experiment_name, uri)
         tags = {PARENT_TAG: parent_run_id} if parent_run_id else {}
-        return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        run = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        _TRACKING["started"] = True
+        return run
     except Exception as e:
         _warn("opening the parent run", e)
         return None

@@ -1,0 +1,121 @@
+"""Tracking never kills training after start: a real `mlflow server` is stopped mid-run (after the first epoch, and
+at a stage boundary of the FFCL pipeline); the run warns once, finishes, and keeps its local copies. An unreachable
+server at start still fails fast (tests/test_mlflow_tracking.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, REPO, cfg, make_2d
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """`mlflow server` on a free loopback port with its own SQLite store and artifact folder."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "art"),
+             "--workers", "1"],
+            cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        for _ in range(180):
+            try:
+                opener.open(f"{self.uri}/health", timeout=2)
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("mlflow server did not start")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait(timeout=30)
+
+
+def _stop_when(path: Path, server: MlflowServer, done: threading.Event) -> threading.Thread:
+    def watch() -> None:
+        while not path.exists() and not done.is_set():
+            time.sleep(0.05)
+        server.stop()
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+def _run(configs: list[str], out: Path, uri: str, **overrides) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs),
+            "--meta_file", cfg("metadata.json")[0], "--output_dir", str(out), "--tracking_uri", uri]
+    for k, v in {**FAST, **overrides}.items():
+        args += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update({"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=800, env=env)
+
+
+def test_server_lost_after_the_first_epoch_training_finishes(tmp_path):
+    datalist = make_2d(tmp_path / "data", counts=(8, 4, 4))
+    server = MlflowServer(tmp_path / "server")
+    out = tmp_path / "run"
+    done = threading.Event()
+    try:
+        # validation every 2 epochs: the server dies after epoch 1 (its resume checkpoint), before the evaluator's
+        # first start at epoch 2
+        _stop_when(out / "checkpoints" / "resume.pt", server, done)
+        res = _run(cfg("common.yaml", "train.yaml"), out, server.uri, datalist=str(datalist), max_epochs=4,
+                   val_interval=2, log_model=False)
+    finally:
+        done.set()
+        server.stop()
+    said = res.stdout + res.stderr
+    assert res.returncode == 0, said[-4000:]
+    assert "tracking stops for this run and training continues" in said
+    history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines() if x.strip()]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]  # the local copy of every epoch
+    assert "val_auc" in history[1] and "val_auc" in history[3]
+    assert (out / "models" / "model.pt").is_file()
+
+
+def test_server_lost_at_a_stage_boundary_the_pipeline_finishes(tmp_path):
+    datalist = make_2d(tmp_path / "data", counts=(8, 4, 4))
+    server = MlflowServer(tmp_path / "server")
+    out = tmp_path / "ffcl"
+    done = threading.Event()
+    try:
+        _stop_when(out / "stage1_local" / "backbone.pt", server, done)  # between the local stage and fine-tuning
+        res = _run(cfg("common.yaml", "ffcl.yaml"), out, server.uri, datalist=str(datalist), stages="local",
+                   local_epochs=1, max_epochs=1, eval_splits=["test"], log_model=False)
+    finally:
+        done.set()
+        server.stop()
+    said = res.stdout + res.stderr
+    assert res.returncode == 0, said[-4000:]
+    print([line for line in said.splitlines() if "MLflow" in line and ("fail" in line or "continues" in line)])
+    assert "training continues" in said
+    summary = json.loads((out / "pipeline_summary.json").read_text())
+    assert "test_auc" in summary["metrics"]
+    assert (out / "metrics.json").is_file()
