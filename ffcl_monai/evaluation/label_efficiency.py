@@ -244,6 +244,7 @@ def run_curve(
                         "tracking_uri": uri,
                         "mlflow_parent_run_id": parent_id,
                         "run_name": f"{cell}",
+                        "log_model": base.get("log_model", False),  # a curve's cells are measurements, not models to serve
                     }
                     if frac in epochs:
                         cell_over["max_epochs"] = epochs[frac]
