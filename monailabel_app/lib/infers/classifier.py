@@ -14,6 +14,19 @@ Differences from the stock ``BundleInferTask`` set-up, and why:
   run; the newest existing one is served, and a missing one is an error instead of silently random weights.
 - Class names keep the case of ``channel_def`` (the stock task lower-cases them).
 - Checkpoints load strictly: a checkpoint for another architecture or class count fails loudly.
+
+Saliency (off by default): ``{"saliency": true}`` in the request's ``params`` form field adds a Grad-CAM map of the
+top-scoring class to the reply, computed after (and apart from) the scores, which are unchanged::
+
+    "saliency": {"method": "gradcam", "layer": "backbone.blocks.2", "class_idx": 1, "label": "PNEUMONIA",
+                 "input_shape": [64, 64], "shape": [64, 64], "axes": "...", "map": [[0.0, ...], ...],
+                 "heatmap_png": "<base64 RGBA PNG of the map alone, to composite over the image>"}
+
+``map`` (values 0..1) has the model input's shape (``image_size`` after the bundle's preprocessing), in MONAI's
+array order (x, y[, z]; for PNG/JPEG the transpose of rows/columns), average-pooled so that its longest axis is at
+most 64 (2D) or 32 (3D); ``shape`` says which. ``saliency_method`` (``gradcam`` | ``gradcampp``) may be sent too; the
+defaults (and ``saliency_layer``) come from the bundle's ``inference.yaml``. The reply holds no image pixels (the PNG
+is the map alone), so a request that names an image the client may not see gets no picture of it.
 """
 
 from __future__ import annotations
@@ -32,6 +45,8 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
 from monailabel.utils.others.generic import strtobool
 
+from ffcl_monai.handlers.saliency import METHODS as SALIENCY_METHODS
+from ffcl_monai.handlers.saliency import as_bool, saliency_reply
 from lib.configs import load_workflow_config
 from lib.models import ModelSpec, class_names
 
@@ -39,6 +54,16 @@ logger = logging.getLogger(__name__)
 
 # Probabilities must lie in [0, 1] and softmax outputs sum to 1; allow float32 rounding.
 PROB_TOL = 1e-4
+# Where run_inferer leaves the saliency entry for writer(); always overwritten, so a request cannot inject one.
+SALIENCY_RESULT = "_ffcl_saliency_result"
+
+
+def _flag(value: Any, name: str) -> bool:
+    """A request boolean: JSON true/false (or 0/1, "true"/"false"); anything else is a 400 naming the key."""
+    try:
+        return as_bool(value, name)
+    except ValueError:
+        raise HTTPException(status_code=400, detail=f"request parameter {name!r} must be true or false") from None
 
 
 class ClassifierInferTask(BundleInferTask):
@@ -90,6 +115,11 @@ class ClassifierInferTask(BundleInferTask):
                 self.displayable_configs = self.bundle_config.get_parsed_content(k, instantiate=True)
                 self._config.update(self.displayable_configs)
 
+        # saliency defaults (shown by /info, so that clients such as 3D Slicer offer the option); off unless asked
+        self.saliency_method = str(self._bundle_value("saliency_method", "gradcam"))
+        self.saliency_layer = self._bundle_value("saliency_layer", None)
+        self._config.update({"saliency": False, "saliency_method": self.saliency_method})
+
         self.version = metadata.get("version")
         self.valid = True
         latest = spec.latest_checkpoint()
@@ -107,6 +137,26 @@ class ClassifierInferTask(BundleInferTask):
         """Merge the workflow's config files (``common.yaml`` + ``inference.yaml`` + overlay) and the metadata."""
         files = list(config) if isinstance(config, (list, tuple)) else [config]
         return load_workflow_config(files, self.spec.metadata_file, path)
+
+    def _bundle_value(self, key: str, default: Any) -> Any:
+        return self.bundle_config.get_parsed_content(key) if key in self.bundle_config else default
+
+    def run_inferer(self, data: Dict[str, Any], convert_to_batch: bool = True, device: str = "cuda") -> Dict[str, Any]:
+        """The bundle's inferer (scores), then, only when the request asks for it, the saliency map."""
+        want = _flag(data.get("saliency"), "saliency")
+        method = data.get("saliency_method") or self.saliency_method
+        if want and (not isinstance(method, str) or method not in SALIENCY_METHODS):
+            raise HTTPException(status_code=400, detail=f"saliency_method must be one of {list(SALIENCY_METHODS)}")
+        data = super().run_inferer(data, convert_to_batch=convert_to_batch, device=device)
+        data[SALIENCY_RESULT] = None
+        if want:
+            pred = data[self.key_pred]
+            scores = (pred.detach().cpu().numpy() if torch.is_tensor(pred) else np.asarray(pred)).reshape(-1)
+            network = self._get_network(device, data)  # the cached one; saliency works on its own copy
+            names = [self.class_names[i] for i in sorted(self.class_names)]
+            data[SALIENCY_RESULT] = saliency_reply(network, data[self.input_key], int(np.argmax(scores)), names,
+                                                   method=method, layer=self.saliency_layer)
+        return data
 
     def info(self) -> Dict[str, Any]:
         i = super().info()
@@ -150,4 +200,7 @@ class ClassifierInferTask(BundleInferTask):
         prediction = [
             {"idx": idx, "label": self.class_names[idx], "score": float(score)} for idx, score in enumerate(scores)
         ]
-        return None, {"prediction": prediction}
+        result: Dict[str, Any] = {"prediction": prediction}
+        if data.get(SALIENCY_RESULT) is not None:
+            result["saliency"] = data[SALIENCY_RESULT]
+        return None, result
