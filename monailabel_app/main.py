@@ -11,7 +11,12 @@ Start it with ``monailabel_app/start_server.sh <studies_dir> [port]`` (see monai
 from __future__ import annotations
 
 import logging
-from typing import Dict
+import os
+import re
+import tempfile
+from typing import Any, Dict, Optional
+
+from fastapi import HTTPException
 
 from lib.compat import install_torchvision_stub
 
@@ -31,6 +36,24 @@ from lib.infers import ClassifierInferTask  # noqa: E402
 from lib.models import dedupe, parse_models  # noqa: E402
 
 logger = logging.getLogger(__name__)
+
+# The name tempfile.NamedTemporaryFile gives an upload that MONAI Label's /infer endpoint saves (tmp + 8 characters).
+_UPLOAD_NAME = re.compile(r"^tmp[A-Za-z0-9_]{8}(\.[A-Za-z0-9]+)*$")
+
+
+def image_reference_allowed(image: str, studies: str) -> bool:
+    """Whether an ``image`` that names an existing file may be read: only files inside the studies folder, or an
+    upload MONAI Label itself just saved to the temporary folder.
+
+    MONAI Label reads ``request["image"]`` directly whenever that path exists on the server, and the request's
+    ``params`` form field may set it (``params={"image": "/any/file"}``), as may an id that happens to name a file in
+    the server's working directory; this check is where such a path is interpreted, so no route around it remains.
+    """
+    real = os.path.realpath(image)
+    root = os.path.realpath(studies)
+    if os.path.commonpath([real, root]) == root:
+        return True
+    return os.path.dirname(real) == os.path.realpath(tempfile.gettempdir()) and bool(_UPLOAD_NAME.match(os.path.basename(real)))
 
 # MONAI Label's default datastore patterns lack .jpeg (Kermany) and .dcm (single-file DICOM).
 REQUIRED_EXTENSIONS = ["*.jpeg", "*.jpg", "*.png", "*.dcm", "*.nii", "*.nii.gz"]
@@ -75,6 +98,14 @@ class FfclLabelApp(MONAILabelApp):
             trainers[spec.name] = ClassifierTrainTask(spec, self.conf)
             logger.info(f"+++ Adding Trainer:: {spec.name} => output {spec.train_dir}")
         return trainers
+
+    def infer(self, request: Dict[str, Any], datastore: Optional[Any] = None) -> Dict[str, Any]:
+        image = request.get("image")
+        if isinstance(image, str) and image and os.path.exists(image) and not image_reference_allowed(image, self.studies):
+            logger.warning("refused an /infer request naming a file outside the studies folder")
+            raise HTTPException(status_code=400, detail="`image` must be an image id of the studies folder or an upload, "
+                                "not a path on the server")
+        return super().infer(request, datastore)
 
     def init_strategies(self) -> Dict[str, Strategy]:
         return {"random": Random(), "first": First()}

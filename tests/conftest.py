@@ -87,6 +87,15 @@ def private_salt_file(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(autouse=True)
+def fresh_tracking_state():
+    """Each test starts as a fresh process would: tracking has not worked yet (an unreachable store fails fast)."""
+    mod = sys.modules.get("ffcl_monai.handlers.mlflow_tracking")
+    if mod is not None:
+        mod._TRACKING["started"] = False
+    yield
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a test module: small CPU kernels on a shared 2-core machine run many times faster

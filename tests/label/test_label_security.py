@@ -145,3 +145,19 @@ def test_foreign_origin_is_refused_even_with_the_token(guarded: types.SimpleName
                                      {**guarded.auth, "Origin": "https://evil.example", "Content-Type": "text/plain"},
                                      data=b'{"max_epochs": 1}')
     assert status == 403 and "access-control-allow-origin" not in headers
+
+
+def test_infer_never_reads_a_file_outside_the_studies_folder(guarded: types.SimpleNamespace) -> None:
+    """MONAI Label reads request["image"] directly when that path exists; `params` may set it, and so may an id that
+    names a file in the server's working directory. Both are refused; an upload still works."""
+    outside = guarded.work / "outside.jpeg"  # the server's working directory, not the studies folder
+    shutil.copy(next(guarded.studies.glob("*.jpeg")), outside)
+    form, ctype = multipart({"params": (None, json.dumps({"image": str(outside)}).encode(), "application/json")})
+    status, res = http("POST", f"{guarded.url}/infer/xray?image={guarded.ids[0]}", data=form,
+                       headers={**guarded.auth, "Content-Type": ctype})
+    assert status == 400, (status, res)
+    status, res = http("POST", f"{guarded.url}/infer/xray?image=outside.jpeg", data=b"", headers=guarded.auth)
+    assert status == 400, (status, res)
+    upload, ctype = multipart({"file": ("mine.jpeg", outside.read_bytes(), "image/jpeg")})
+    status, res = http("POST", f"{guarded.url}/infer/xray", data=upload, headers={**guarded.auth, "Content-Type": ctype})
+    assert status == 200 and len(res["prediction"]) == 2, (status, res)
