@@ -55,17 +55,6 @@ class MlflowServer:
             self.proc.wait(timeout=30)
 
 
-def _stop_when(path: Path, server: MlflowServer, done: threading.Event) -> threading.Thread:
-    def watch() -> None:
-        while not path.exists() and not done.is_set():
-            time.sleep(0.05)
-        server.stop()
-
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    return t
-
-
 def _run(configs: list[str], out: Path, uri: str, **overrides) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs),
             "--meta_file", cfg("metadata.json")[0], "--output_dir", str(out), "--tracking_uri", uri]
@@ -77,22 +66,34 @@ def _run(configs: list[str], out: Path, uri: str, **overrides) -> subprocess.Com
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=800, env=env)
 
 
-def test_server_lost_after_the_first_epoch_training_finishes(tmp_path):
-    datalist = make_2d(tmp_path / "data", counts=(8, 4, 4))
+def _run_with_outage(tmp_path: Path, stop_when: Path, configs: list[str], out: Path, **overrides) -> str:
+    """Run a workflow tracking to a real server that is killed as soon as ``stop_when`` exists; return its output."""
     server = MlflowServer(tmp_path / "server")
-    out = tmp_path / "run"
     done = threading.Event()
+
+    def watch() -> None:
+        while not stop_when.exists() and not done.is_set():
+            time.sleep(0.05)
+        server.stop()
+
+    threading.Thread(target=watch, daemon=True).start()
     try:
-        # validation every 2 epochs: the server dies after epoch 1 (its resume checkpoint), before the evaluator's
-        # first start at epoch 2
-        _stop_when(out / "checkpoints" / "resume.pt", server, done)
-        res = _run(cfg("common.yaml", "train.yaml"), out, server.uri, datalist=str(datalist), max_epochs=4,
-                   val_interval=2, log_model=False)
+        res = _run(configs, out, server.uri, **overrides)
     finally:
         done.set()
         server.stop()
     said = res.stdout + res.stderr
     assert res.returncode == 0, said[-4000:]
+    return said
+
+
+def test_server_lost_after_the_first_epoch_training_finishes(tmp_path):
+    datalist = make_2d(tmp_path / "data", counts=(8, 4, 4))
+    out = tmp_path / "run"
+    # validation every 2 epochs: the server dies after epoch 1 (its resume checkpoint), before the evaluator's first
+    # start at epoch 2
+    said = _run_with_outage(tmp_path, out / "checkpoints" / "resume.pt", cfg("common.yaml", "train.yaml"), out,
+                            datalist=str(datalist), max_epochs=4, val_interval=2, log_model=False)
     assert "tracking stops for this run and training continues" in said
     history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines() if x.strip()]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]  # the local copy of every epoch
@@ -102,19 +103,11 @@ def test_server_lost_after_the_first_epoch_training_finishes(tmp_path):
 
 def test_server_lost_at_a_stage_boundary_the_pipeline_finishes(tmp_path):
     datalist = make_2d(tmp_path / "data", counts=(8, 4, 4))
-    server = MlflowServer(tmp_path / "server")
     out = tmp_path / "ffcl"
-    done = threading.Event()
-    try:
-        _stop_when(out / "stage1_local" / "backbone.pt", server, done)  # between the local stage and fine-tuning
-        res = _run(cfg("common.yaml", "ffcl.yaml"), out, server.uri, datalist=str(datalist), stages="local",
-                   local_epochs=1, max_epochs=1, eval_splits=["test"], log_model=False)
-    finally:
-        done.set()
-        server.stop()
-    said = res.stdout + res.stderr
-    assert res.returncode == 0, said[-4000:]
-    print([line for line in said.splitlines() if "MLflow" in line and ("fail" in line or "continues" in line)])
+    # killed between the local stage and fine-tuning
+    said = _run_with_outage(tmp_path, out / "stage1_local" / "backbone.pt", cfg("common.yaml", "ffcl.yaml"), out,
+                            datalist=str(datalist), stages="local", local_epochs=1, max_epochs=1,
+                            eval_splits=["test"], log_model=False)
     assert "training continues" in said
     summary = json.loads((out / "pipeline_summary.json").read_text())
     assert "test_auc" in summary["metrics"]

@@ -443,7 +443,42 @@ def _outputs(engine: Engine, key: str) -> torch.Tensor | None:
     return None if v is None else torch.as_tensor(v)
 
 
-class SaliencyReport:
+class _GradCAMHandler:
+    """What the evaluate and inference saliency handlers share: the checked settings and the event wiring
+    (``_reset`` at STARTED, ``_collect`` per iteration, ``_complete`` at COMPLETED; nothing when disabled)."""
+
+    def __init__(self, network: nn.Module, output_dir: str | os.PathLike, class_names: Sequence[str],
+                 image_size: Sequence[int], method: str, layer: str | None, enabled: Any, enabled_key: str,
+                 alpha: float) -> None:
+        self.enabled = as_bool(enabled, enabled_key)
+        self.network = network
+        self.dir = Path(output_dir)
+        self.class_names = list(class_names)
+        self.image_size = list(image_size)
+        self.method = check_method(method) if self.enabled else method
+        self.layer = as_layer(layer)
+        if self.enabled:
+            check_layer(network, self.layer)
+        self.alpha = alpha
+
+    def attach(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._complete)
+
+    def _reset(self, engine: Engine) -> None:
+        raise NotImplementedError
+
+    def _collect(self, engine: Engine) -> None:
+        raise NotImplementedError
+
+    def _complete(self, engine: Engine) -> None:
+        raise NotImplementedError
+
+
+class SaliencyReport(_GradCAMHandler):
     """Evaluate handler: ``gradcam_grid.png`` of a seeded sample per outcome (:func:`select_outcomes`), plus
     ``gradcam_grid.json`` (rows, counts, classes, probabilities, ``predictions.csv`` row numbers; no file names),
     logged as artifacts to the MLflow run of ``report`` (list this handler after it).
@@ -462,32 +497,16 @@ class SaliencyReport:
                  class_names: Sequence[str], image_size: Sequence[int], report: Any = None, method: str = "gradcam",
                  per_outcome: int = 4, layer: str | None = None, seed: int = 0, enabled: bool = True,
                  filename: str = "gradcam_grid.png", alpha: float = OVERLAY_ALPHA) -> None:
-        self.enabled = as_bool(enabled, "saliency")
+        super().__init__(network, output_dir, class_names, image_size, method, layer, enabled, "saliency", alpha)
         self.dataset = dataset
-        self.network = network
-        self.dir = Path(output_dir)
         self.task = task
-        self.class_names = list(class_names)
-        self.image_size = list(image_size)
         self.report = report
-        self.method = check_method(method) if self.enabled else method
         self.per_outcome = int(per_outcome)
         if self.enabled and self.per_outcome < 1:
             raise ValueError(f"saliency_per_outcome must be >= 1, got {per_outcome!r}; use `--saliency false` to skip.")
-        self.layer = as_layer(layer)
-        if self.enabled:
-            check_layer(network, self.layer)
         self.seed = seed
         self.path = self.dir / filename
-        self.alpha = alpha
         self.files: list[Path] = []
-
-    def attach(self, engine: Engine) -> None:
-        if not self.enabled:
-            return
-        engine.add_event_handler(Events.STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.COMPLETED, self._complete)
 
     def _reset(self, engine: Engine) -> None:
         self._logits: list[torch.Tensor] = []
@@ -564,7 +583,7 @@ class SaliencyReport:
                           "the files are in output_dir.")
 
 
-class SaliencyWriter:
+class SaliencyWriter(_GradCAMHandler):
     """Inference handler (``save_saliency: true``): for every image, ``saliency/NNNNNN.npy`` (float32 map at the
     model input's shape, values 0..1) and ``saliency/NNNNNN.png`` (overlay), numbered in ``inference.csv`` order; then
     adds the columns ``saliency``, ``saliency_png`` (paths relative to ``output_dir``) and ``saliency_class`` (the
@@ -576,24 +595,8 @@ class SaliencyWriter:
     def __init__(self, network: nn.Module, output_dir: str | os.PathLike, class_names: Sequence[str],
                  image_size: Sequence[int], method: str = "gradcam", layer: str | None = None, enabled: bool = True,
                  folder: str = "saliency", alpha: float = OVERLAY_ALPHA) -> None:
-        self.enabled = as_bool(enabled, "save_saliency")
-        self.network = network
-        self.dir = Path(output_dir)
-        self.class_names = list(class_names)
-        self.image_size = list(image_size)
-        self.method = check_method(method) if self.enabled else method
-        self.layer = as_layer(layer)
-        if self.enabled:
-            check_layer(network, self.layer)
+        super().__init__(network, output_dir, class_names, image_size, method, layer, enabled, "save_saliency", alpha)
         self.folder = folder
-        self.alpha = alpha
-
-    def attach(self, engine: Engine) -> None:
-        if not self.enabled:
-            return
-        engine.add_event_handler(Events.STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.COMPLETED, self._complete)
 
     def _reset(self, engine: Engine) -> None:
         self._rows: list[tuple[str, str, str]] = []
