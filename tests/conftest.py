@@ -156,8 +156,16 @@ def bundle_cli(args: list[str], timeout: int = 600, **kwargs) -> subprocess.Comp
                           timeout=timeout, env=env, **kwargs)
 
 
+def cli_value(v) -> str:
+    """A value as `python -m monai.bundle run` (fire) must see it: booleans as True/False (fire keeps lower-case
+    true/false as strings, and the string 'false' is truthy), other non-strings as JSON."""
+    if isinstance(v, bool):
+        return str(v)
+    return v if isinstance(v, str) else json.dumps(v)
+
+
 def overrides_cli(overrides: dict) -> list[str]:
     out = []
     for k, v in overrides.items():
-        out += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+        out += [f"--{k}", cli_value(v)]
     return out

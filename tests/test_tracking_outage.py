@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, REPO, cfg, make_2d
+from conftest import FAST, REPO, cfg, make_2d, overrides_cli
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -58,8 +58,7 @@ class MlflowServer:
 def _run(configs: list[str], out: Path, uri: str, **overrides) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs),
             "--meta_file", cfg("metadata.json")[0], "--output_dir", str(out), "--tracking_uri", uri]
-    for k, v in {**FAST, **overrides}.items():
-        args += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
+    args += overrides_cli({**FAST, **overrides})
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update({"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
                 "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})

@@ -225,7 +225,7 @@ _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0", ""}
 
 
 def as_bool(value: Any, key: str) -> bool:
-    """A config flag: a bool, 0/1, or the strings the CLI passes through (``--saliency false`` arrives as 'false')."""
+    """A config flag: a bool, 0/1, or the strings the CLI passes through (``--saliency False`` arrives as 'false')."""
     if isinstance(value, (bool, np.bool_)) or value is None:
         return bool(value)
     if isinstance(value, (int, np.integer)) and int(value) in (0, 1):
@@ -503,7 +503,7 @@ class SaliencyReport(_GradCAMHandler):
         self.report = report
         self.per_outcome = int(per_outcome)
         if self.enabled and self.per_outcome < 1:
-            raise ValueError(f"saliency_per_outcome must be >= 1, got {per_outcome!r}; use `--saliency false` to skip.")
+            raise ValueError(f"saliency_per_outcome must be >= 1, got {per_outcome!r}; use `--saliency False` to skip.")
         self.seed = seed
         self.path = self.dir / filename
         self.files: list[Path] = []
