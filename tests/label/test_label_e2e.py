@@ -156,6 +156,23 @@ def class_names() -> list[str]:
     return [channel_def[k] for k in sorted(channel_def, key=int)]
 
 
+def sample_studies(work: Path, per_class: int) -> tuple[Path, dict[str, str]]:
+    """``work/studies`` with ``per_class`` real Kermany JPEGs per class from the embedded sample's training split;
+    returns the folder and ``{image id: class name}`` (the id is the file name without its extension)."""
+    studies = work / "studies"
+    studies.mkdir()
+    datalist = json.loads((SAMPLE / "datalist.json").read_text())
+    picked: dict[str, str] = {}
+    for idx, name in enumerate(class_names()):
+        items = [d for d in datalist["training"] if d["label"] == idx][:per_class]
+        assert len(items) == per_class, f"the sample has fewer than {per_class} {name} training images"
+        for d in items:
+            src = SAMPLE / d["image"]
+            shutil.copy(src, studies / src.name)
+            picked[src.name.rsplit(".", 1)[0]] = name
+    return studies, picked
+
+
 class Server:
     """``monailabel_app/start_server.sh`` in its own process group (so that its training children go with it)."""
 
@@ -238,20 +255,8 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[types.SimpleNa
     import pydicom.data
 
     work = tmp_path_factory.mktemp("label_e2e")
-    studies = work / "studies"
-    studies.mkdir()
-
-    # real Kermany JPEGs with their labels, N per class, from the embedded sample's training split
-    datalist = json.loads((SAMPLE / "datalist.json").read_text())
     names = class_names()
-    picked: dict[str, str] = {}  # image id -> class name
-    for idx, name in enumerate(names):
-        items = [d for d in datalist["training"] if d["label"] == idx][:N_PER_CLASS]
-        assert len(items) == N_PER_CLASS, f"the sample has fewer than {N_PER_CLASS} {name} training images"
-        for d in items:
-            src = SAMPLE / d["image"]
-            shutil.copy(src, studies / src.name)
-            picked[src.name.rsplit(".", 1)[0]] = name
+    studies, picked = sample_studies(work, N_PER_CLASS)  # image id -> class name
     # one PNG (same pixels as a sample JPEG, another id) for the PNG path
     from PIL import Image
 

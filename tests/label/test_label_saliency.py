@@ -30,8 +30,8 @@ import numpy as np
 import pytest
 
 from test_label_e2e import (  # noqa: I001 (helpers of the end-to-end test, same directory)
-    CONFIGS, SAMPLE, STARTUP_TIMEOUT_S, Server, class_names, free_port, http, inference_overlay, make_checkpoint,
-    multipart,
+    CONFIGS, STARTUP_TIMEOUT_S, Server, class_names, free_port, http, inference_overlay, make_checkpoint,
+    multipart, sample_studies,
 )
 
 pytestmark = [pytest.mark.label, pytest.mark.timeout(1800)]
@@ -59,14 +59,8 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[types.SimpleNa
     import nibabel
 
     work = tmp_path_factory.mktemp("label_saliency")
-    studies = work / "studies"
-    studies.mkdir()
-    datalist = json.loads((SAMPLE / "datalist.json").read_text())
-    ids = []
-    for idx in range(len(class_names())):
-        src = SAMPLE / next(d for d in datalist["training"] if d["label"] == idx)["image"]
-        shutil.copy(src, studies / src.name)
-        ids.append(src.name.rsplit(".", 1)[0])
+    studies, picked = sample_studies(work, 1)
+    ids = list(picked)  # one per class, in class order
     shutil.copy(Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii", studies / "anatomical.nii")
 
     ckpt = work / "ckpt"

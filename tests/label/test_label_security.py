@@ -17,7 +17,6 @@ from typing import Iterator
 import pytest
 
 from test_label_e2e import (
-    SAMPLE,
     STARTUP_TIMEOUT_S,
     Server,
     free_port,
@@ -25,6 +24,7 @@ from test_label_e2e import (
     make_checkpoint,
     multipart,
     raw_request,
+    sample_studies,
 )
 
 pytestmark = [pytest.mark.label, pytest.mark.timeout(900)]
@@ -38,14 +38,8 @@ PASSWORD = "hunter2-db-password"
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[types.SimpleNamespace]:
     pytest.importorskip("monailabel", reason="MONAI Label runs in its own environment: bash monailabel_app/setup_env.sh")
     work = tmp_path_factory.mktemp("label_security")
-    studies = work / "studies"
-    studies.mkdir()
-    datalist = json.loads((SAMPLE / "datalist.json").read_text())
-    ids = []
-    for d in datalist["training"][:2]:
-        src = SAMPLE / d["image"]
-        shutil.copy(src, studies / src.name)
-        ids.append(src.name.rsplit(".", 1)[0])
+    studies, picked = sample_studies(work, 1)
+    ids = sorted(picked)
     (work / "ckpt").mkdir()
     make_checkpoint(work / "ckpt" / "model.pt", [], seed=0)
     conf = ["--conf", "models", "xray", "--conf", "model_path", str(work / "ckpt" / "model.pt"),
