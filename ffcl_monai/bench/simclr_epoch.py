@@ -98,6 +98,7 @@ def _measure(device: str, quick: bool, data_root: str | None, tmp: Path) -> dict
         "datalist": str(datalist), "output_dir": str(tmp / "simclr"), "image_size": [size] * 3,
         "backbone": "resnet10", "batch_size": batch, "max_epochs": warmup + repeats, "progress": False,
         "device": device,
+        "monitor_interval": 0,  # the embedding monitor's cost has its own side-by-side bench: `bench monitor`
     }
     wf = build_workflow(["common.yaml", "pretrain_simclr.yaml", "3d.yaml"], overrides)
     get = wf.parser.get_parsed_content
