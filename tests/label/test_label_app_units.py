@@ -256,3 +256,14 @@ def test_guard_behaviour(guard_mod) -> None:
     assert status == 200 and reached == b'{"max_epochs": 2}'
     assert _call(guard, "POST", "/train/", auth, b'{"xray": {"tracking_uri": "x"}}')[0] == 422
     assert _call(guard, "POST", "/train/xray", auth, b"not json")[0] == 400
+
+
+@pytest.mark.parametrize("env, code", [({"LABEL_HOST": "0.0.0.0"}, 2), ({"LABEL_HOST": "10.1.2.3"}, 2)])
+def test_start_server_refuses_a_public_host_without_auth(tmp_path: Path, env: dict, code: int) -> None:
+    """MONAI Label's own default is every interface with auth off: the script refuses that without a token."""
+    import os
+
+    run_env = {k: v for k, v in os.environ.items() if k not in ("LABEL_TOKEN", "LABEL_ALLOW_NO_AUTH")}
+    res = subprocess.run(["bash", str(APP / "start_server.sh"), str(tmp_path), "8123"], env={**run_env, **env},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == code and "LABEL_TOKEN" in res.stderr, (res.returncode, res.stderr)
