@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
-from .check import Report, bad_file_report, check_entries, count_labels, inspect_files
+from .check import Report, _listing, bad_file_report, check_entries, count_labels, inspect_files
 from .common import (
     PRIVATE_ID_SOURCES, SPLITS, LayoutError, Record, Scan, file_key, is_inside, is_utf8_path, log, norm_path,
     printable, relpath,
@@ -174,11 +174,6 @@ def _entry(r: Record, json_dir: Path, salt: Salt | None, task: str) -> dict[str,
     return e
 
 
-def _listing(paths: list[Path]) -> str:
-    more = f"\n  ... and {len(paths) - _LISTED} more" if len(paths) > _LISTED else ""
-    return "\n".join(f"  {printable(p)}" for p in paths[:_LISTED]) + more
-
-
 def validate_paths(records: list[Record], root: Path) -> None:
     """Refuse file names that are not UTF-8 and symbolic links inside ``root`` (SRC) that resolve outside it.
 
@@ -191,7 +186,7 @@ def validate_paths(records: list[Record], root: Path) -> None:
         raise LayoutError(
             f"{len(bad)} file name(s) are not valid UTF-8 (shown with \\x escapes); a datalist is JSON text and cannot "
             "name them. Rename them in a copy of SRC (e.g. `convmv -f latin1 -t utf8 -r --notest DIR`):\n"
-            + _listing(bad)
+            + _listing([printable(p) for p in bad], _LISTED)
         )
     root = norm_path(root)
     real_root = os.path.realpath(root)
@@ -200,7 +195,7 @@ def validate_paths(records: list[Record], root: Path) -> None:
         raise LayoutError(
             f"{len(escaping)} file(s) in SRC are symbolic links (or lie below one) whose target is outside SRC "
             f"{printable(root)}; data_prep reads only files inside SRC. Copy the targets into SRC (or pass the folder "
-            "that holds them as SRC):\n" + _listing(escaping)
+            "that holds them as SRC):\n" + _listing([printable(p) for p in escaping], _LISTED)
         )
 
 

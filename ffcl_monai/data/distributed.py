@@ -76,6 +76,13 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def unwrap_ddp(network: nn.Module) -> nn.Module:
+    """The module inside (possibly nested) ``DistributedDataParallel`` wrappers, or ``network`` itself."""
+    while isinstance(network, DistributedDataParallel):
+        network = network.module
+    return network
+
+
 def is_rank0() -> bool:
     """True on the rank that writes checkpoints, reports and MLflow runs."""
     return env_rank() == 0

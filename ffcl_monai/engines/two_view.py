@@ -27,6 +27,7 @@ from monai.engines import Trainer
 from torch import nn
 from torch.optim import Optimizer
 
+from ffcl_monai.data.distributed import unwrap_ddp
 from ffcl_monai.engines.precision import PrecisionTrainerMixin
 from ffcl_monai.networks.checkpoints import save_backbone
 
@@ -36,10 +37,6 @@ logger = logging.getLogger(__name__)
 def _as_tensor(x: Any, device: torch.device, non_blocking: bool = False) -> torch.Tensor:
     x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)  # MetaTensor -> Tensor: no meta overhead
     return x.to(device, non_blocking=non_blocking)
-
-
-def _unwrap(network: nn.Module) -> nn.Module:
-    return getattr(network, "module", network)  # DistributedDataParallel
 
 
 class TwoViewTrainer(PrecisionTrainerMixin, Trainer):
@@ -238,7 +235,7 @@ class BackboneCheckpoint:
             return
         metrics = {k: float(v) for k, v in engine.state.metrics.items()
                    if isinstance(v, (int, float)) and math.isfinite(float(v))}
-        backbone = _unwrap(self.network).backbone
+        backbone = unwrap_ddp(self.network).backbone
         save_backbone(self.path, backbone, extra={**self.extra, "epochs": engine.state.epoch, "metrics": metrics})
 
 

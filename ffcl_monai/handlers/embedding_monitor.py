@@ -45,16 +45,18 @@ import os
 import random
 import time
 import warnings
+from contextlib import nullcontext
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from torch import nn
+
+from ffcl_monai.data.distributed import is_rank0, unwrap_ddp
 
 logger = logging.getLogger(__name__)
 
@@ -232,13 +234,6 @@ def _labelled(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------------------------
 # embeddings
 # ------------------------------------------------------------------------------------------------------------------
-def unwrap(network: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (or the network itself)."""
-    while isinstance(network, nn.parallel.DistributedDataParallel):
-        network = network.module
-    return network
-
-
 def embed_levels(
     network: nn.Module, x: torch.Tensor, features: str | Callable = "backbone"
 ) -> list[tuple[str, torch.Tensor]]:
@@ -251,7 +246,7 @@ def embed_levels(
       (the linear read-out's features) as the final; the backprop MLP baseline: its last hidden activations.
     - a callable ``f(network, x)`` returning a tensor or a list of tensors (levels ``level1``.., last = final).
     """
-    net = unwrap(network)
+    net = unwrap_ddp(network)
     if callable(features):
         out = features(net, x)
         if isinstance(out, torch.Tensor):
@@ -304,10 +299,6 @@ class _FrozenState:
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
-
-
-def _is_rank0() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -481,7 +472,7 @@ class EmbeddingMonitor:
         return self.interval > 0 and (epoch % self.interval == 0 or (max_epochs is not None and epoch == max_epochs))
 
     def _epoch_started(self, engine: Engine) -> None:
-        if not _is_rank0():
+        if not is_rank0():
             return
         try:
             self._prepare()
@@ -497,7 +488,7 @@ class EmbeddingMonitor:
     def _epoch_completed(self, engine: Engine) -> None:
         for key in self._keys:  # no stale numbers on epochs that are not monitored
             engine.state.metrics.pop(key, None)
-        if not _is_rank0() or self.skip_reason is not None:
+        if not is_rank0() or self.skip_reason is not None:
             return
         if not self.due(engine.state.epoch, engine.state.max_epochs):
             return
@@ -651,8 +642,7 @@ class EmbeddingMonitor:
                 logger.warning("embedding monitor: could not tag the MLflow run: %s", e)
 
     # -------------------------------------------------------------------------------------------- compute
-    def _embed(self, engine: Engine, x: torch.Tensor) -> list[tuple[str, np.ndarray]]:
-        net = unwrap(self.network)
+    def _embed(self, engine: Engine, net: nn.Module, x: torch.Tensor) -> list[tuple[str, np.ndarray]]:
         try:
             device = next(net.parameters()).device
         except StopIteration:
@@ -662,7 +652,7 @@ class EmbeddingMonitor:
         names: list[str] = []
         for i in range(0, len(x), self.batch_size):
             xb = x[i : i + self.batch_size].to(device)
-            ctx = precision.autocast() if precision is not None and hasattr(precision, "autocast") else _null()
+            ctx = precision.autocast() if precision is not None and hasattr(precision, "autocast") else nullcontext()
             with ctx:
                 levels = embed_levels(net, xb, self.features)
             if not names:
@@ -676,11 +666,11 @@ class EmbeddingMonitor:
         assert self._data is not None
         data = self._data
         (xt, yt), (xv, yv) = data["train"], data["val"]
-        net = unwrap(self.network)
+        net = unwrap_ddp(self.network)
         eng = engine if engine is not None else Engine(lambda e, b: None)
         with _FrozenState(net):
-            train_levels = self._embed(eng, xt)
-            val_levels = self._embed(eng, xv)
+            train_levels = self._embed(eng, net, xt)
+            val_levels = self._embed(eng, net, xv)
             metrics: dict[str, float] = {}
             final_val = None
             for (name, et), (_, ev) in zip(train_levels, val_levels):
@@ -775,23 +765,9 @@ class EmbeddingMonitor:
             logger.warning("embedding monitor: could not log %s to MLflow: %s", path.name, e)
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
 def _mlflow_target(engine: Engine) -> tuple[Any, str] | None:
-    """(client, run id) of the MLflow handler attached to ``engine`` that is logging (not one that stepped aside)."""
-    try:
-        from monai.handlers import MLFlowHandler
-    except ImportError:  # pragma: no cover - mlflow is a core dependency
-        return None
-    for handlers in getattr(engine, "_event_handlers", {}).values():
-        for func, *_ in handlers:
-            owner = getattr(func, "__self__", None)
-            if isinstance(owner, MLFlowHandler) and not getattr(owner, "_stepped_aside", False) and owner.cur_run:
-                return owner.client, owner.cur_run.info.run_id
-    return None
+    """(client, run id) of the MLflow handler logging ``engine``'s run, when it has one open."""
+    from ffcl_monai.handlers.mlflow_tracking import run_logger
+
+    handler = run_logger(engine)
+    return (handler.client, handler.cur_run.info.run_id) if handler is not None and handler.cur_run else None

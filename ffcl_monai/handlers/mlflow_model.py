@@ -16,23 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from ignite.engine import Engine, Events
-from monai.handlers import MLFlowHandler
 
-from ffcl_monai.handlers.mlflow_tracking import _warn, redact_uri
+from ffcl_monai.handlers.mlflow_tracking import _warn, redact_uri, run_logger
 
 logger = logging.getLogger(__name__)
-
-
-def _mlflow_handler(engine: Engine) -> MLFlowHandler | None:
-    """The MLflow handler that logs this engine's run (``SafeMLFlowHandler``, or MONAI's own with ``--tracking
-    mlflow``, to which it steps aside)."""
-    found = []
-    for handlers in engine._event_handlers.values():
-        for func, *_ in handlers:
-            owner = getattr(func, "__self__", None)
-            if isinstance(owner, MLFlowHandler) and not getattr(owner, "_stepped_aside", False) and owner not in found:
-                found.append(owner)
-    return next((h for h in found if h.cur_run), found[0] if found else None)
 
 
 class MLflowModelLogger:
@@ -86,7 +73,7 @@ class MLflowModelLogger:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def _remember_run(self, engine: Engine) -> None:
-        handler = _mlflow_handler(engine)
+        handler = run_logger(engine)
         if handler is not None and handler.cur_run:
             self._run = (handler.client, handler.cur_run.info.run_id)
 
@@ -95,7 +82,7 @@ class MLflowModelLogger:
 
         if not is_rank0():
             return
-        handler = _mlflow_handler(engine)
+        handler = run_logger(engine)
         if handler is not None and getattr(handler, "_offline", False):  # SafeMLFlowHandler after a store failure
             warnings.warn("the MLflow model was not logged: MLflow tracking stopped earlier in this run; "
                           "models/model.pt is in output_dir.")

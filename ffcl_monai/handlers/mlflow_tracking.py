@@ -8,6 +8,8 @@ never kills a week-long run.
 - :class:`SafeMLFlowHandler`: MONAI's ``MLFlowHandler`` whose logging calls warn and continue when the store fails
   mid-run (local copies of everything stay in ``output_dir``), that can open its run as a child of a parent run
   (pipelines, ablations), and that steps aside when ``--tracking mlflow`` attached MONAI's own handler too.
+- :func:`run_logger`: the MLflow handler that logs an engine's run, for handlers that add to that run (the embedding
+  monitor, the model logger).
 - :func:`log_report`: one call that logs params, metrics and artifacts to a (possibly nested) run, used by the
   evaluate workflow and by pipelines.
 - :func:`~ffcl_monai.redaction.redact_uri` (re-exported here): the one redaction of credentials (``user:password@``,
@@ -21,7 +23,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import re
 import signal
 import threading
 import time
@@ -34,7 +35,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 from monai.utils import flatten_dict
 
-from ffcl_monai.redaction import has_credentials, redact_uri, redact_values  # noqa: F401  (re-exported)
+from ffcl_monai.redaction import has_credentials, redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +186,24 @@ def _watch_run(run_id: str, client: Any) -> None:
     _OPEN_RUNS[run_id] = client
 
 
+def mlflow_handlers(engine: Engine) -> list[MLFlowHandler]:
+    """The MLflow handlers attached to ``engine`` (MONAI's own and :class:`SafeMLFlowHandler`), each once."""
+    found: list[MLFlowHandler] = []
+    for handlers in engine._event_handlers.values():
+        for func, *_ in handlers:
+            owner = getattr(func, "__self__", None)
+            if isinstance(owner, MLFlowHandler) and owner not in found:
+                found.append(owner)
+    return found
+
+
+def run_logger(engine: Engine) -> MLFlowHandler | None:
+    """The MLflow handler that logs ``engine``'s run: not one that stepped aside for MONAI's own (``--tracking
+    mlflow``); among the others, the first with an open run, else the first."""
+    active = [h for h in mlflow_handlers(engine) if not getattr(h, "_stepped_aside", False)]
+    return next((h for h in active if h.cur_run), active[0] if active else None)
+
+
 def _log_batch(client: Any, run_id: str, metrics: Sequence[Any], params: Sequence[Any] = ()) -> None:
     """``client.log_batch`` in chunks of MLflow's limit of 1000 metrics per call (params go with the first)."""
     for i in range(0, max(len(metrics), 1), 1000):
@@ -251,12 +270,7 @@ class SafeMLFlowHandler(MLFlowHandler):
     def _step_aside_if_duplicated(self, engine: Engine) -> None:
         # `--tracking mlflow` appends MONAI's own MLFlowHandler to the same engine; two handlers would log every
         # value twice into the same run, so this one yields to it.
-        for handlers in engine._event_handlers.values():
-            for func, *_ in handlers:
-                owner = getattr(func, "__self__", None)
-                if isinstance(owner, MLFlowHandler) and not isinstance(owner, SafeMLFlowHandler):
-                    self._stepped_aside = True
-                    return
+        self._stepped_aside = any(not isinstance(h, SafeMLFlowHandler) for h in mlflow_handlers(engine))
 
     @property
     def _silent(self) -> bool:
