@@ -76,10 +76,14 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def unwrap_ddp(network: nn.Module) -> nn.Module:
-    """The module inside (possibly nested) ``DistributedDataParallel`` wrappers, or ``network`` itself."""
-    while isinstance(network, DistributedDataParallel):
-        network = network.module
+def unwrap_module(network: nn.Module) -> nn.Module:
+    """The plain module inside DDP / DataParallel (``.module``) or ``torch.compile`` (``._orig_mod``) wrappers, or
+    ``network`` itself: what handlers that read or hook the model's layers (monitor, Grad-CAM) work on."""
+    for _ in range(4):  # wrappers nest at most a few deep (compile inside DDP)
+        inner = getattr(network, "module", None) or getattr(network, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            break
+        network = inner
     return network
 
 

@@ -45,6 +45,7 @@ from monai.engines.utils import default_prepare_batch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ffcl_monai.data.distributed import unwrap_module
 from ffcl_monai.engines.precision import PrecisionTrainerMixin
 from ffcl_monai.losses.ffcl_pair import FFCLPairLoss
 from ffcl_monai.networks.backbones import Backbone
@@ -75,8 +76,8 @@ def default_amp(device: torch.device | str | None) -> bool:
 
 
 def as_backbone(network: nn.Module) -> Backbone:
-    """The :class:`Backbone` inside ``network`` (itself, ``.backbone``, or a DDP wrapper's ``.module``)."""
-    net = network.module if isinstance(network, DistributedDataParallel) else network
+    """The :class:`Backbone` inside ``network`` (itself, ``.backbone``, or inside a DDP / compile wrapper)."""
+    net = unwrap_module(network)
     if isinstance(net, Backbone):
         return net
     bb = getattr(net, "backbone", None)

@@ -27,7 +27,7 @@ from monai.engines import Trainer
 from torch import nn
 from torch.optim import Optimizer
 
-from ffcl_monai.data.distributed import unwrap_ddp
+from ffcl_monai.data.distributed import unwrap_module
 from ffcl_monai.engines.precision import PrecisionTrainerMixin
 from ffcl_monai.networks.checkpoints import save_backbone
 
@@ -235,7 +235,7 @@ class BackboneCheckpoint:
             return
         metrics = {k: float(v) for k, v in engine.state.metrics.items()
                    if isinstance(v, (int, float)) and math.isfinite(float(v))}
-        backbone = unwrap_ddp(self.network).backbone
+        backbone = unwrap_module(self.network).backbone
         save_backbone(self.path, backbone, extra={**self.extra, "epochs": engine.state.epoch, "metrics": metrics})
 
 

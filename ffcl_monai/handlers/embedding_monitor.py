@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from torch import nn
 
-from ffcl_monai.data.distributed import is_rank0, unwrap_ddp
+from ffcl_monai.data.distributed import is_rank0, unwrap_module
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def embed_levels(
       (the linear read-out's features) as the final; the backprop MLP baseline: its last hidden activations.
     - a callable ``f(network, x)`` returning a tensor or a list of tensors (levels ``level1``.., last = final).
     """
-    net = unwrap_ddp(network)
+    net = unwrap_module(network)
     if callable(features):
         out = features(net, x)
         if isinstance(out, torch.Tensor):
@@ -666,7 +666,7 @@ class EmbeddingMonitor:
         assert self._data is not None
         data = self._data
         (xt, yt), (xv, yv) = data["train"], data["val"]
-        net = unwrap_ddp(self.network)
+        net = unwrap_module(self.network)
         eng = engine if engine is not None else Engine(lambda e, b: None)
         with _FrozenState(net):
             train_levels = self._embed(eng, net, xt)

@@ -58,6 +58,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from ffcl_monai.data.distributed import unwrap_module
 from ffcl_monai.networks.backbones import RESNET_LAYOUTS
 from ffcl_monai.networks.checkpoints import atomic_write_text
 
@@ -91,16 +92,6 @@ def target_layer_candidates(backbone: str) -> list[str]:
                      "(python -c \"print([n for n, _ in net.named_modules()])\" lists them).")
 
 
-def _unwrap(network: nn.Module) -> nn.Module:
-    """The plain module inside DDP / DataParallel (``.module``) or ``torch.compile`` (``._orig_mod``) wrappers."""
-    for _ in range(4):
-        inner = getattr(network, "module", None) or getattr(network, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            break
-        network = inner
-    return network
-
-
 def _device(network: nn.Module) -> torch.device:
     p = next(network.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -120,7 +111,7 @@ def feature_shapes(
     network: nn.Module, spatial_size: Sequence[int], layers: Sequence[str]
 ) -> dict[str, tuple[int, ...]]:
     """Spatial shape of each named layer's output for one input of ``spatial_size`` (a dry run, eval mode, no grad)."""
-    network = _unwrap(network)
+    network = unwrap_module(network)
     modules = dict(network.named_modules())
     shapes: dict[str, tuple[int, ...]] = {}
 
@@ -143,7 +134,7 @@ def feature_shapes(
 def default_target_layer(network: nn.Module, spatial_size: Sequence[int], min_size: int = MIN_CAM_SIZE) -> str:
     """The deepest candidate layer (:func:`target_layer_candidates`) whose feature map has at least ``min_size``
     cells along every axis for inputs of ``spatial_size``; the shallowest candidate if none has."""
-    network = _unwrap(network)
+    network = unwrap_module(network)
     backbone = getattr(getattr(network, "backbone", None), "name", None)
     if backbone is None:
         raise ValueError("default Grad-CAM layers are defined for ffcl_monai Classifier networks; "
@@ -193,7 +184,7 @@ class SaliencyMapper:
         from monai.visualize import GradCAM, GradCAMpp
 
         check_method(method)
-        net = _unwrap(network)
+        net = unwrap_module(network)
         layer = as_layer(layer)
         check_layer(net, layer)
         self.method = method
@@ -251,9 +242,9 @@ def check_method(method: str) -> str:
 def check_layer(network: nn.Module, layer: str | None) -> None:
     if layer is None:
         return
-    names = dict(_unwrap(network).named_modules())
+    names = dict(unwrap_module(network).named_modules())
     if layer not in names:
-        backbone = getattr(getattr(_unwrap(network), "backbone", None), "name", None)
+        backbone = getattr(getattr(unwrap_module(network), "backbone", None), "name", None)
         hint = f"; defaults for {backbone}: {target_layer_candidates(backbone)}" if backbone else ""
         raise ValueError(f"saliency_layer {layer!r} is not a module of the network{hint}.")
 
