@@ -40,3 +40,16 @@ def install_excepthook() -> None:
 
     hook._ffcl_monai = True  # type: ignore[attr-defined]
     sys.excepthook = hook
+
+
+class OutputDirError(UserInputError):
+    """``output_dir`` cannot be used by this run (:mod:`ffcl_monai.workflows.ownership`): it is in use by another run,
+    or it holds an earlier run's results and neither ``--resume True`` nor ``--overwrite True`` was given."""
+
+
+class OutputDirInUseError(OutputDirError):
+    """Another process holds the lock on ``output_dir``; the message names the holder (pid, host, kind, start)."""
+
+
+class OutputDirHasResultsError(OutputDirError):
+    """``output_dir`` holds an earlier run's results; the message names them and both fixes."""
