@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 DATA   ?= ../shared/data
 DEMO   ?= runs/demo
 PYTEST_ARGS ?=
-MODEL  ?= $(DEMO)/models/model.pt
+MODEL  ?= $(DEMO)/finetune/models/model.pt
 PORT   ?= 8000
 
 .PHONY: setup test test-slow test-all demo bench label-env label-server test-label clean help
@@ -40,7 +40,7 @@ label-env: setup
 	bash monailabel_app/setup_env.sh
 
 label-server: label-env
-	@test -n "$(STUDIES)" || { echo "usage: make label-server STUDIES=folder [PORT=8000] [MODEL=runs/demo/models/model.pt]"; exit 2; }
+	@test -n "$(STUDIES)" || { echo "usage: make label-server STUDIES=folder [PORT=8000] [MODEL=runs/demo/finetune/models/model.pt]"; exit 2; }
 	LABEL_MODEL=$(MODEL) bash monailabel_app/start_server.sh $(STUDIES) $(PORT)
 
 test-label: label-env

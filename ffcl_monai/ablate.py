@@ -9,25 +9,26 @@ Each variant is ``<approach>-<init>``:
               ``ffcl-gl`` (global -> local), ``local`` (local only), ``global`` (global only)
     init:     ``random`` or ``imagenet`` (needs ``--imagenet-weights``, a torchvision ResNet state-dict file)
 
-Every variant is the FFCL pipeline (``bundle/configs/ffcl.yaml``) in ``<output-dir>/<variant>``; all of them log to
-one MLflow store (``<output-dir>/mlruns.db``) under one parent run. The table is written as ``table.md`` (the paper's
+Every variant is the FFCL program (:func:`ffcl_monai.workflows.ffcl.run_ffcl`, ``bundle/configs/ffcl.yaml``) in
+``<output-dir>/<variant>``; all of them log to one MLflow store (``<output-dir>/mlruns.db``) under one parent run, and
+the ablation is an :class:`~ffcl_monai.workflows.experiment.Experiment` (lock, ``state.json``, parent run, summary). The table is written as ``table.md`` (the paper's
 layout, values in %, bootstrap 95% CIs) and ``table.csv``, with ``table.png`` (bars with CI whiskers), from the split
 given by ``--split`` (default: ``test`` when the datalist has one, else ``validation``). Models are always selected
 on validation; with ``--split validation`` the CIs describe the selection split itself and are optimistic.
 
-Resume: a variant whose ``pipeline_summary.json`` holds the table split's metrics is skipped on rerun; an
-interrupted variant resumes inside its pipeline.
+Resume: rerun the same command. A finished variant is skipped (the ablation's ``state.json``); an interrupted one
+continues inside its own pipeline (finished steps skipped, the interrupted step from its last epoch).
+
+Overrides (``--set KEY=VALUE``) follow :func:`ffcl_monai.workflows.runner.parse_override` (values read as YAML).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,13 +57,6 @@ def parse_variant(name: str) -> tuple[str, str]:
         f"unknown variant {name!r}; use <approach>-<init> with approach in {list(APPROACHES)} and init in {list(INITS)}, "
         "e.g. ffcl-lg-random."
     )
-
-
-def _literal(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def _header(datalist: str) -> dict[str, Any]:
@@ -183,9 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--experiment-name", default="ffcl_ablation")
     args = p.parse_args(argv)
 
-    from ffcl_monai.handlers.mlflow_tracking import check_tracking, tracking_uri
     from ffcl_monai.redaction import redact_uri
-    from ffcl_monai.pipeline import run_step
+    from ffcl_monai.workflows import runner
+    from ffcl_monai.workflows.experiment import Experiment
+    from ffcl_monai.workflows.ffcl import run_ffcl
 
     datalist = str(Path(args.datalist).resolve())
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -199,54 +194,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not _has_split(datalist, split):
         p.error(f"the datalist has no '{split}' split to tabulate")
     header = _header(datalist)
-    overlays = ["3d.yaml"] if header.get("spatial_dims", 2) == 3 else []
+    dims = 3 if header.get("spatial_dims", 2) == 3 else 2
     out = Path(args.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    uri = check_tracking(tracking_uri(out))
-    overrides: dict[str, Any] = {"datalist": datalist, "backbone": args.backbone, "tracking_uri": uri,
-                                 "experiment_name": args.experiment_name, "overlays": overlays}
+    overrides: dict[str, Any] = {"datalist": datalist, "backbone": args.backbone, "experiment_name": args.experiment_name}
     if header.get("class_names"):
         overrides["class_names"] = header["class_names"]
     if args.image_size:
-        overrides["image_size"] = [args.image_size] * (3 if overlays else 2)
+        overrides["image_size"] = [args.image_size] * dims
     for key, flag in [("local_epochs", args.local_epochs), ("global_epochs", args.global_epochs),
                       ("max_epochs", args.max_epochs), ("batch_size", args.batch_size)]:
         if flag is not None:
             overrides[key] = flag
-    for item in args.set:
-        if "=" not in item:
-            p.error(f"--set needs KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        overrides[k.strip()] = _literal(v)
-
-    state_path = out / "ablation_state.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    from ffcl_monai.handlers.mlflow_tracking import open_parent_run
-
-    parent = open_parent_run(uri, args.experiment_name, f"ablation:{out.name}", state.get("parent_run_id"))
-    state["parent_run_id"] = parent
-    state_path.write_text(json.dumps(state, indent=2))
-
-    t0 = time.time()
-    rows: list[dict[str, Any]] = []
-    status = "FAILED"
     try:
+        overrides.update(runner.parse_overrides(args.set))
+    except ValueError as e:
+        p.error(str(e))
+
+    rows: list[dict[str, Any]] = []
+    files: list[Path] = []
+    with Experiment(out, "ablation", experiment_name=args.experiment_name, run_name=f"ablation:{out.name}") as exp:
+        exp.log_params({"datalist": datalist, "backbone": args.backbone, "variants": ",".join(variants), "split": split,
+                        **{k: v for k, v in overrides.items() if k != "datalist"}})
         for variant, (approach, init) in zip(variants, parsed):
-            vdir = out / variant
-            summary_path = vdir / "pipeline_summary.json"
             stages, approach_name, contrastive = APPROACHES[approach]
-            if not _finished(summary_path, split):
-                print(f"\n######## ablation variant {variant}: stages={stages}, init={init} ########", flush=True)
-                init_value = "random" if init == "random" else f"imagenet:{os.path.abspath(args.imagenet_weights)}"
-                run_step(
-                    ["common.yaml", "ffcl.yaml"],
-                    {**overrides, "output_dir": str(vdir), "stages": stages, "init": init_value,
-                     "mlflow_parent_run_id": parent, "run_name": variant},
-                )
-            else:
-                print(f"== variant {variant}: finished earlier, skipped", flush=True)
-            summary = json.loads(summary_path.read_text())
-            metrics = json.loads(Path(summary["output_dir"], *([] if split == "test" else [split]), "metrics.json").read_text())
+            init_value = "random" if init == "random" else f"imagenet:{os.path.abspath(args.imagenet_weights)}"
+            summary = exp.step(variant, run_ffcl, ["train.yaml", "ffcl.yaml"], {
+                **overrides, "output_dir": str(exp.step_dir(variant)), "tracking_uri": exp.tracking_uri,
+                "stages": stages, "init": init_value, "run_name": variant}, parent_run_id=exp.parent_run_id)
+            metrics = json.loads((exp.step_dir(variant) / f"evaluate_{split}" / "metrics.json").read_text())
             mets, fixed = robust_binary_auc(metrics["metrics"], metrics.get("class_names"))
             if fixed:
                 print(f"note: {variant}: AUC taken from the unsaturated class column (float32 softmax saturation)")
@@ -254,43 +229,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "init": "ImageNet" if init == "imagenet" else "random", "metrics": mets, "auc_fixed": fixed,
                          "n": metrics.get("n"), "wall_s": summary.get("wall_s", float("nan"))})
             files = write_table(rows, out, args.backbone, split, rows[0].get("n"))
-        status = "FINISHED"
-    finally:
-        wall = time.time() - t0
-        state["last_wall_s"] = wall
-        state["total_wall_s"] = state.get("total_wall_s", 0.0) + wall  # across resumed invocations
-        state_path.write_text(json.dumps(state, indent=2))
-        if rows:
-            _close_parent(uri, parent, rows, files, split, status,
-                          {"datalist": datalist, "backbone": args.backbone, "variants": ",".join(variants),
-                           "split": split, **{k: v for k, v in overrides.items() if k not in ("datalist", "tracking_uri")}})
+            exp.metrics.update(_table_metrics(rows, split))
+        exp.add_artifacts(files)
     print("\n" + (out / "table.md").read_text())
-    print(f"ablation wall time this invocation: {wall:.0f} s; sum of variant wall times: "
+    print(f"ablation wall time (all invocations): {exp.state['wall_s']:.0f} s; sum of variant wall times: "
           f"{sum(r['wall_s'] for r in rows):.0f} s")
-    print(f"files: {out}/table.md, table.csv, table.png; MLflow: mlflow ui --backend-store-uri {redact_uri(uri)}")
+    print(f"files: {out}/table.md, table.csv, table.png; MLflow: mlflow ui --backend-store-uri {redact_uri(exp.tracking_uri)}")
     return 0
 
 
-def _finished(summary_path: Path, split: str) -> bool:
-    if not summary_path.is_file():
-        return False
-    try:
-        summary = json.loads(summary_path.read_text())
-    except ValueError:
-        return False
-    return f"{split}_auc" in summary.get("metrics", {})
-
-
-def _close_parent(uri: str, run_id: str | None, rows: list[dict[str, Any]], files: list[Path], split: str,
-                  status: str, params: dict[str, Any]) -> None:
-    metrics = {
+def _table_metrics(rows: list[dict[str, Any]], split: str) -> dict[str, float]:
+    """``<variant>.<split>_<metric>[_ci_low|_ci_high]`` for the parent run."""
+    return {
         f"{r['variant']}.{split}_{k}{suffix}": r["metrics"][k][key]
         for r in rows for k, _ in METRICS if k in r["metrics"]
         for suffix, key in (("", "value"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high"))
     }
-    from ffcl_monai.handlers.mlflow_tracking import close_parent_run
-
-    close_parent_run(uri, run_id, status, params, metrics, [(f, None) for f in files])
 
 
 if __name__ == "__main__":

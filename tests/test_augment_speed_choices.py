@@ -88,7 +88,7 @@ def test_fixed_grid_gives_the_same_views_as_monai_without_it(dims: int) -> None:
 @pytest.mark.parametrize("config,dims", [("pretrain_simclr.yaml", 2), ("pretrain_simclr.yaml", 3)])
 def test_yaml_augment_defaults_equal_default_augment(config: str, dims: int) -> None:
     parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "common.yaml"), str(CONFIGS / config)])
+    parser.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / config)])
     size = [32] * dims
     parser["spatial_dims"] = dims
     parser["image_size"] = size

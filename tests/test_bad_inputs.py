@@ -13,7 +13,7 @@ from conftest import FAST, cfg, make_2d, run_bundle, tree_digest, user_error
 
 def _train(datalist: Path, out: Path, **extra) -> None:
     o = {**{k: v for k, v in FAST.items() if k != "n_bootstrap"}, **extra}
-    run_bundle(cfg("common.yaml", "train.yaml", *extra.pop("overlays", [])) if "overlays" in extra else cfg("common.yaml", "train.yaml"),
+    run_bundle(cfg("train.yaml", *extra.pop("overlays", [])) if "overlays" in extra else cfg("train.yaml"),
                datalist=str(datalist), output_dir=str(out), **{k: v for k, v in o.items() if k != "overlays"})
 
 

@@ -25,7 +25,7 @@ def _workflow(workflow_type: str, files: list[str], **override) -> ConfigWorkflo
 
 
 def test_check_properties_train_and_infer(tiny2d, tmp_path):
-    train = _workflow("train", cfg("common.yaml", "train.yaml"), datalist=str(tiny2d), output_dir=str(tmp_path / "t"))
+    train = _workflow("train", cfg("train.yaml"), datalist=str(tiny2d), output_dir=str(tmp_path / "t"))
     assert not train.check_properties()  # None or [] when every required/optional id is where MONAI expects it
     for key in ("bundle_root", "dataset_dir", "device", "network_def", "train#trainer", "train#dataset",
                 "train#handlers", "validate#evaluator", "validate#handlers", "val_interval"):
@@ -34,17 +34,34 @@ def test_check_properties_train_and_infer(tiny2d, tmp_path):
 
     ckpt = tmp_path / "model.pt"
     torch.save({"model": Classifier("resnet18", 2, 2, 1).state_dict()}, ckpt)
-    infer = _workflow("infer", cfg("common.yaml", "inference.yaml"), datalist=str(tiny2d), output_dir=str(tmp_path / "i"),
+    infer = _workflow("infer", cfg("inference.yaml"), datalist=str(tiny2d), output_dir=str(tmp_path / "i"),
                       checkpoint=str(ckpt))
     assert not infer.check_properties()
     for key in ("preprocessing", "inferer", "postprocessing", "evaluator", "dataset"):
         assert key in infer.parser, key
 
 
+def test_standalone_inference_yaml_agrees_with_train_yaml():
+    """inference.yaml repeats the data and network keys of train.yaml (both must load alone); they may not drift."""
+    import yaml
+
+    train = yaml.safe_load((CONFIGS / "train.yaml").read_text())
+    infer = yaml.safe_load((CONFIGS / "inference.yaml").read_text())
+    shared = [k for k in infer if k in train and k not in ("imports", "initialize", "run", "network", "checkpoint",
+                                                          "network_def", "output_dir")]
+    assert {"deterministic_transforms", "image_size", "class_names", "backbone", "amp_dtype", "datalist"} <= set(shared)
+    for key in shared:
+        assert infer[key] == train[key], key
+    # the inference network is train.yaml's without its training-only switches
+    training_only = {"dropout", "freeze_backbone"}
+    assert {k: v for k, v in train["network_def"].items() if k not in training_only} == infer["network_def"]
+    assert set(infer["imports"]) - set(train["imports"]) <= {"$import ffcl_monai.handlers.saliency", "$import ffcl_monai.engines.precision"}
+
+
 def test_train_evaluate_infer_cli(tiny2d, tmp_path):
     out = tmp_path / "run"
     common = ["--datalist", str(tiny2d), "--output_dir", str(out), *overrides_cli({k: v for k, v in FAST.items() if k != "n_bootstrap"})]
-    r = bundle_cli(["run", "--config_file", str(cfg("common.yaml", "train.yaml")), *common])
+    r = bundle_cli(["run", "--config_file", str(cfg("train.yaml")), *common])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     model = out / "models" / "model.pt"
     assert model.is_file() and (out / "checkpoints" / "resume.pt").is_file()
@@ -54,7 +71,7 @@ def test_train_evaluate_infer_cli(tiny2d, tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
     assert all({"train_loss", "lr", "val_auc", "val_accuracy", "val_f1"} <= set(h) for h in history)
 
-    r = bundle_cli(["run", "--config_file", str(cfg("common.yaml", "evaluate.yaml")), *common, "--n_bootstrap", "50"])
+    r = bundle_cli(["run", "--config_file", str(cfg("train.yaml", "evaluate.yaml")), *common, "--n_bootstrap", "50"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 6
@@ -67,7 +84,7 @@ def test_train_evaluate_infer_cli(tiny2d, tmp_path):
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
     assert (out / "roc.png").stat().st_size > 1000 and (out / "confusion_matrix.png").stat().st_size > 1000
 
-    r = bundle_cli(["run", "--config_file", str(cfg("common.yaml", "inference.yaml")), *common,
+    r = bundle_cli(["run", "--config_file", str(cfg("inference.yaml")), *common,
                     "--checkpoint", str(model), "--output_dir", str(out / "infer")])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     inferred = json.loads((out / "infer" / "inference.json").read_text())
@@ -98,11 +115,11 @@ def test_train_evaluate_infer_cli(tiny2d, tmp_path):
 
     # MONAI's own bundle tools work on the trained checkpoint
     r = bundle_cli(["verify_net_in_out", "network_def", "--meta_file", str(CONFIGS / "metadata.json"),
-                    "--config_file", str(CONFIGS / "common.yaml")])
+                    "--config_file", str(CONFIGS / "train.yaml")])
     assert r.returncode == 0 and "verified" in (r.stdout + r.stderr), r.stderr[-2000:]
     ts = tmp_path / "model.ts"
     r = bundle_cli(["ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(model), "--key_in_ckpt", "model",
-                    "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", str(CONFIGS / "common.yaml"),
+                    "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", str(CONFIGS / "train.yaml"),
                     "--backbone", "resnet10"])
     assert r.returncode == 0, r.stderr[-2000:]
     scripted = torch.jit.load(str(ts))
@@ -113,8 +130,8 @@ def test_3d_train_and_evaluate(tiny3d, tmp_path):
     out = tmp_path / "r3d"
     o = dict(datalist=str(tiny3d), output_dir=str(out), image_size=[16, 16, 16], batch_size=4, max_epochs=1,
              class_names=["absent", "present"])
-    run_bundle(cfg("common.yaml", "train.yaml", "3d.yaml"), **o)
-    run_bundle(cfg("common.yaml", "evaluate.yaml", "3d.yaml"), n_bootstrap=20, **o)
+    run_bundle(cfg("train.yaml", "3d.yaml"), **o)
+    run_bundle(cfg("train.yaml", "evaluate.yaml", "3d.yaml"), n_bootstrap=20, **o)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 4 and 0 <= metrics["metrics"]["auc"]["value"] <= 1
     state = torch.load(out / "models" / "model.pt", weights_only=True)["model"]
@@ -139,9 +156,32 @@ def test_multiclass_and_multilabel(tmp_path, task):
     out = tmp_path / "run"
     o = dict(datalist=str(datalist), output_dir=str(out), task=task, num_classes=3, class_names=names,
              image_size=[32, 32], backbone="resnet10", batch_size=6, max_epochs=1)
-    run_bundle(cfg("common.yaml", "train.yaml"), **o)
-    run_bundle(cfg("common.yaml", "evaluate.yaml"), n_bootstrap=20, **o)
+    run_bundle(cfg("train.yaml"), **o)
+    run_bundle(cfg("train.yaml", "evaluate.yaml"), n_bootstrap=20, **o)
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert {"auc_a", "auc_b", "auc_c", "accuracy", "f1"} <= set(metrics)
     rows = list(csv.DictReader((out / "predictions.csv").open()))
     assert len(rows) == 6
+
+
+def test_one_owner_per_folder_a_finished_run_is_never_silently_replaced(tiny2d, tmp_path):
+    """A second run into a folder holding a finished run's checkpoints is refused, naming --resume and --overwrite;
+    --overwrite moves the old results aside (nothing deleted) and the new history rows carry the new run's id."""
+    from conftest import user_error
+
+    out = tmp_path / "run"
+    kw = dict(datalist=str(tiny2d), output_dir=str(out), **{**FAST, "max_epochs": 1}, log_model=False, progress=False)
+    run_bundle(cfg("train.yaml"), **kw)
+    model = (out / "models" / "model.pt").read_bytes()
+    first_ids = {json.loads(x)["run_id"] for x in (out / "history.jsonl").read_text().splitlines()}
+    with pytest.raises(Exception) as info:
+        run_bundle(cfg("train.yaml"), **kw)
+    said = str(user_error(info.value))
+    assert "--resume True" in said and "--overwrite True" in said and str(out) in said
+    assert (out / "models" / "model.pt").read_bytes() == model  # untouched
+
+    run_bundle(cfg("train.yaml"), **kw, overwrite=True)
+    moved = list((out / ".overwritten").glob("*/models/model.pt"))
+    assert len(moved) == 1 and moved[0].read_bytes() == model
+    ids = {json.loads(x)["run_id"] for x in (out / "history.jsonl").read_text().splitlines()}
+    assert len(first_ids) == 1 and len(ids) == 1 and ids != first_ids  # one run per history file, told apart

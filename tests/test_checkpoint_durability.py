@@ -52,7 +52,7 @@ def test_keep_previous_generation(tmp_path):
 
 
 def _train(datalist: Path, out: Path, **extra) -> None:
-    run_bundle(cfg("common.yaml", "train.yaml"), datalist=str(datalist), output_dir=str(out),
+    run_bundle(cfg("train.yaml"), datalist=str(datalist), output_dir=str(out),
                **{**FAST, "seed": 3, **extra})
 
 

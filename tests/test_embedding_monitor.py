@@ -200,9 +200,9 @@ def test_handler_bounds_its_cache_and_never_raises(tiny2d, tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 def test_simclr_same_weights_with_and_without_monitor_and_numbers_in_mlflow(tiny2d, tmp_path):
     common = dict(datalist=str(tiny2d), max_epochs=2, **TINY)
-    run_bundle(cfg("common.yaml", "pretrain_simclr.yaml"), output_dir=str(tmp_path / "plain"), monitor_interval=0,
+    run_bundle(cfg("train.yaml", "pretrain_simclr.yaml"), output_dir=str(tmp_path / "plain"), monitor_interval=0,
                **common)
-    run_bundle(cfg("common.yaml", "pretrain_simclr.yaml"), output_dir=str(tmp_path / "mon"), monitor_interval=1,
+    run_bundle(cfg("train.yaml", "pretrain_simclr.yaml"), output_dir=str(tmp_path / "mon"), monitor_interval=1,
                monitor_k=[3, 5], **common)
     a = torch.load(tmp_path / "plain" / "backbone.pt", weights_only=True)["backbone"]
     b = torch.load(tmp_path / "mon" / "backbone.pt", weights_only=True)["backbone"]
@@ -231,7 +231,7 @@ def test_unlabeled_datalist_skips_with_a_message(tmp_path, capsys):
     datalist = tmp_path / "unlabeled.json"
     datalist.write_text(json.dumps({"spatial_dims": 2, "training": entries, "validation": entries[:4]}))
     out = tmp_path / "run"
-    run_bundle(cfg("common.yaml", "pretrain_simclr.yaml"), datalist=str(datalist), output_dir=str(out), max_epochs=1,
+    run_bundle(cfg("train.yaml", "pretrain_simclr.yaml"), datalist=str(datalist), output_dir=str(out), max_epochs=1,
                monitor_interval=1, **TINY)
     assert "embedding monitor skipped: the training split" in capsys.readouterr().out
     assert (out / "backbone.pt").is_file()
@@ -242,7 +242,7 @@ def test_unlabeled_datalist_skips_with_a_message(tmp_path, capsys):
 
 
 def test_barlow_and_auxiliary_log_the_monitor(tiny2d, tmp_path):
-    run_bundle(cfg("common.yaml", "pretrain_simclr.yaml", "pretrain_barlow.yaml"), datalist=str(tiny2d),
+    run_bundle(cfg("train.yaml", "pretrain_simclr.yaml", "pretrain_barlow.yaml"), datalist=str(tiny2d),
                output_dir=str(tmp_path / "barlow"), proj_hidden_dim=32, proj_dim=32, max_epochs=1, monitor_interval=1,
                **QUIET, **TINY)
     client, runs = _runs(tmp_path / "barlow")
@@ -254,7 +254,7 @@ def test_barlow_and_auxiliary_log_the_monitor(tiny2d, tmp_path):
         e["sex"] = i % 2
     datalist.write_text(json.dumps(content))
     out = tmp_path / "aux_run"
-    run_bundle(cfg("common.yaml", "pretrain_aux.yaml"), datalist=str(datalist), output_dir=str(out), max_epochs=1,
+    run_bundle(cfg("train.yaml", "pretrain_aux.yaml"), datalist=str(datalist), output_dir=str(out), max_epochs=1,
                aux_heads={"sex": {"kind": "bce"}}, monitor_interval=1, **QUIET, **TINY)
     client, runs = _runs(out)
     assert _steps(client, runs["aux:aux_run"].info.run_id, "probe_auc") == [0, 1]
@@ -265,34 +265,34 @@ def test_ffcl_local_stage_logs_per_block_and_global_stage_final(tiny2d, tmp_path
 
     n_blocks = len(build_backbone("resnet10").blocks)
     common = dict(datalist=str(tiny2d), local_epochs=1, global_epochs=1, monitor_interval=1, **QUIET, **TINY)
-    run_bundle(cfg("common.yaml", "train.yaml", "ffcl.yaml"), output_dir=str(tmp_path / "local"), ffcl_stage="local",
+    run_bundle(cfg("train.yaml", "ffcl.yaml", "ffcl_local.yaml"), output_dir=str(tmp_path / "local"),
                **common)
     client, runs = _runs(tmp_path / "local")
-    run = runs["ffcl:local"].info.run_id
+    run = runs["local:local"].info.run_id
     for i in range(1, n_blocks + 1):
         for key in ("knn_acc", "knn_auc", "probe_auc"):
             assert _steps(client, run, f"block{i}_{key}") == [0, 1], f"block{i}_{key}"
     last = client.get_metric_history(run, f"block{n_blocks}_knn_auc")
     assert [m.value for m in client.get_metric_history(run, "knn_auc")] == [m.value for m in last]
-    history = [json.loads(x) for x in (tmp_path / "local" / "stage_history.jsonl").read_text().splitlines()]
+    history = [json.loads(x) for x in (tmp_path / "local" / "history.jsonl").read_text().splitlines()]
     assert "block1_knn_auc" in history[-1]
-    # no epoch re-seeding in the FFCL stages: the restored random states are what keeps training unchanged
-    run_bundle(cfg("common.yaml", "train.yaml", "ffcl.yaml"), output_dir=str(tmp_path / "local_plain"),
-               ffcl_stage="local", **{**common, "monitor_interval": 0})
+    # the monitor restores the random states it touches: the stage trains exactly as without it
+    run_bundle(cfg("train.yaml", "ffcl.yaml", "ffcl_local.yaml"), output_dir=str(tmp_path / "local_plain"),
+               **{**common, "monitor_interval": 0})
     a = torch.load(tmp_path / "local_plain" / "backbone.pt", weights_only=True)["backbone"]
     b = torch.load(tmp_path / "local" / "backbone.pt", weights_only=True)["backbone"]
     assert all(torch.equal(a[k], b[k]) for k in a), "the monitor changed the local stage"
 
-    run_bundle(cfg("common.yaml", "train.yaml", "ffcl.yaml"), output_dir=str(tmp_path / "global"),
-               ffcl_stage="global", **common)
+    run_bundle(cfg("train.yaml", "ffcl.yaml", "ffcl_global.yaml"), output_dir=str(tmp_path / "global"),
+               **common)
     client, runs = _runs(tmp_path / "global")
-    run = runs["ffcl:global"]
+    run = runs["global:global"]
     assert _steps(client, run.info.run_id, "knn_auc") == [0, 1] and "block1_knn_auc" not in run.data.metrics
 
 
 def test_forward_forward_logs_per_layer(tiny2d, tmp_path):
     out = tmp_path / "ff"
-    run_bundle(cfg("common.yaml", "ff.yaml"), datalist=str(tiny2d), output_dir=str(out), image_size=[16, 16],
+    run_bundle(cfg("train.yaml", "ff.yaml"), datalist=str(tiny2d), output_dir=str(out), image_size=[16, 16],
                hidden=[32, 32], threshold=32.0, epochs=2, batch_size=8, n_bootstrap=10, monitor_interval=1, **QUIET)
     client, runs = _runs(out)
     run = runs["ff:ff"].info.run_id
@@ -310,7 +310,7 @@ def test_torchrun_simclr_monitor_rank0_only_same_weights(tmp_path):
     from test_multi_gpu import _torchrun
 
     data = make_2d(tmp_path / "data", counts=(16, 6, 6))
-    configs = ["common.yaml", "pretrain_simclr.yaml", "multi_gpu_pretrain.yaml"]
+    configs = ["train.yaml", "pretrain_simclr.yaml", "multi_gpu_train.yaml"]
     outs = {}
     for name, interval in (("plain", "0"), ("mon", "1")):
         outs[name] = tmp_path / name

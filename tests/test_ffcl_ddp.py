@@ -13,8 +13,9 @@ def _worker(rank: int, port: int, results) -> None:
     import torch.distributed as dist
     from torch.utils.data import DataLoader
 
-    from ffcl_monai.engines.ffcl import GlobalContrastiveTrainer, GlobalContrastModel, LocalContrastiveTrainer
+    from ffcl_monai.engines.ffcl import GlobalContrastiveTrainer, LocalContrastiveTrainer
     from ffcl_monai.networks.backbones import build_backbone
+    from ffcl_monai.networks.projection import GlobalContrastModel
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.set_num_threads(1)

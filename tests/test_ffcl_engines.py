@@ -7,18 +7,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ffcl_monai.engines.ffcl import (
-    BackboneSaver,
-    GlobalContrastiveTrainer,
-    GlobalContrastModel,
-    LocalContrastiveTrainer,
-    init_backbone,
-    local_step_per_block,
-)
+from ffcl_monai.engines.ffcl import GlobalContrastiveTrainer, LocalContrastiveTrainer, local_step_per_block
+from ffcl_monai.handlers.checkpoint import BackboneSaver
 from ffcl_monai.losses.ffcl_pair import FFCLPairLoss
 from ffcl_monai.networks.backbones import build_backbone
-from ffcl_monai.networks.checkpoints import load_backbone
+from ffcl_monai.networks.checkpoints import init_backbone, load_backbone
 from ffcl_monai.networks.classifier import Classifier
+from ffcl_monai.networks.projection import GlobalContrastModel
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -73,8 +68,12 @@ def test_local_single_pass_trains_all_blocks_logs_per_block_and_saves(tmp_path):
     BackboneSaver(tmp_path / "local.pt", net, {"stage": "local"}).attach(trainer)
     trainer.run()
     m = trainer.state.metrics
-    assert set(m) == {"local_loss"} | {f"local_loss_{n}" for n in net.backbone.block_names}
-    assert set(trainer.state.output) == {"loss"} | {f"loss_{n}" for n in net.backbone.block_names}
+    assert set(m) == {"local_loss", "lr", "skipped_steps"} | {f"local_loss_{n}" for n in net.backbone.block_names}
+    assert m["skipped_steps"] == 0 and m["lr"] == 1e-3
+    # MONAI's keys (image, label, pred) and the loss with its parts per block
+    assert set(trainer.state.output) == {"image", "label", "pred", "loss"} | {
+        f"loss_{n}" for n in net.backbone.block_names
+    }
     for b, old in zip(net.backbone.blocks, before):
         assert any(not torch.equal(p, q) for p, q in zip(_params(b), old))
     fresh = build_backbone("resnet10")

@@ -1,5 +1,6 @@
-"""FFCL pipeline and ablation command: stage parsing, override forwarding, the table, and (slow) one tiny end-to-end
-pipeline run on a synthetic datalist written here."""
+"""FFCL program and ablation command: stage parsing, the runner's override semantics and 3D rule, the table, and
+(slow) one tiny end-to-end pipeline run through `python -m monai.bundle run --workflow_name` on a synthetic datalist
+written here."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 
 from ffcl_monai.ablate import parse_variant, write_table
-from ffcl_monai.pipeline import forwarded_overrides, parse_stages
+from ffcl_monai.workflows import runner
+from ffcl_monai.workflows.ffcl import parse_stages
 
 
 def test_parse_stages_orders_and_errors():
@@ -30,15 +32,27 @@ def test_parse_variant():
         parse_variant("simclr-random")
 
 
-def test_forwarded_overrides_keep_cli_changes_only():
-    base = {"datalist": "a.json", "image_size": [64, 64], "network_def": {"dropout": 0.0}, "batch_size": 32}
-    raw = {
-        "datalist": "b.json", "image_size": [64, 64], "batch_size": 32, "network_def": {"dropout": 0.2},
-        "max_epochs": 3, "local_epochs": 1, "output_dir": "x", "run": ["$..."], "stages": "local", "train": {"x": 1},
-        "imports": ["$import os"],
-    }
-    fwd = forwarded_overrides(raw, base)
-    assert fwd == {"datalist": "b.json", "network_def": {"dropout": 0.2}, "max_epochs": 3, "local_epochs": 1}
+def test_override_values_are_read_as_yaml():
+    assert runner.parse_overrides(["a=3", "b=1e-3", "c=True", "d=false", "e=[32, 32]", "f=null", "g=resnet18",
+                                   "train#dataloader#num_workers=2", "h=x=y"]) == {
+        "a": 3, "b": 1e-3, "c": True, "d": False, "e": [32, 32], "f": None, "g": "resnet18",
+        "train#dataloader#num_workers": 2, "h": "x=y"}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        runner.parse_overrides(["local_lr"])
+
+
+def test_the_3d_rule_adds_the_overlay_before_multi_gpu(tmp_path):
+    d3 = tmp_path / "d3.json"
+    d3.write_text(json.dumps({"spatial_dims": 3, "training": []}))
+    d2 = tmp_path / "d2.json"
+    d2.write_text(json.dumps({"spatial_dims": 2, "training": []}))
+    names = lambda files: [Path(f).name for f in files]  # noqa: E731
+    assert names(runner.config_files(["train.yaml", "multi_gpu_train.yaml"], d3)) == [
+        "train.yaml", "3d.yaml", "multi_gpu_train.yaml"]
+    assert names(runner.config_files(["train.yaml", "3d.yaml"], d3)) == ["train.yaml", "3d.yaml"]
+    assert names(runner.config_files(["train.yaml"], d2)) == ["train.yaml"]
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        runner.config_files(["train.yaml", "nope.yaml"])
 
 
 def test_write_table_layout_and_files(tmp_path):
@@ -80,35 +94,60 @@ def _tiny_datalist(root: Path, n_per_split=(8, 6, 6), size=20) -> Path:
 
 @pytest.mark.slow
 def test_pipeline_end_to_end_tiny(tmp_path):
-    """local -> global -> fine-tune -> evaluate in one call; every stage's checkpoint feeds the next; MLflow nesting."""
+    """local -> global -> fine-tune -> evaluate in one command; every stage's checkpoint feeds the next; every CLI key
+    reaches every step; MLflow nesting; a rerun skips every finished step."""
     import mlflow
     from monai.bundle import run
 
-    from ffcl_monai.pipeline import configs_dir
-
     dl = _tiny_datalist(tmp_path / "data")
     out = tmp_path / "run"
-    cdir = configs_dir()
-    run(config_file=[str(cdir / "common.yaml"), str(cdir / "ffcl.yaml")], meta_file=str(cdir / "metadata.json"),
-        logging_file=str(cdir / "logging.conf"), datalist=str(dl), output_dir=str(out), image_size=[16, 16],
-        backbone="resnet10", batch_size=4, local_epochs=1, global_epochs=1, max_epochs=1, n_bootstrap=10,
-        class_names=["A", "B"], progress=False)
-    summary = json.loads((out / "pipeline_summary.json").read_text())
-    assert summary["stages"] == ["local", "global"]
+    cdir = runner.configs_dir()
+    kwargs = dict(workflow_name="ffcl_monai.workflows.ffcl.FFCLWorkflow",
+                  config_file=[str(cdir / "train.yaml"), str(cdir / "ffcl.yaml")], meta_file=str(cdir / "metadata.json"),
+                  logging_file=str(cdir / "logging.conf"), datalist=str(dl), output_dir=str(out), image_size=[16, 16],
+                  backbone="resnet10", batch_size=4, local_epochs=1, global_epochs=1, max_epochs=1, n_bootstrap=10,
+                  class_names=["A", "B"], progress=False, monitor_interval=0)
+    run(**kwargs)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kind"] == "ffcl" and summary["status"] == "FINISHED"
+    assert summary["params"]["stages"] == "local,global"
     assert (out / "stage1_local" / "backbone.pt").is_file() and (out / "stage2_global" / "backbone.pt").is_file()
+    assert (out / "finetune" / "models" / "model.pt").is_file()
     assert "test_auc" in summary["metrics"] and "validation_auc" in summary["metrics"]
+    # the CLI keys reached the steps (explicitly passed, not read back from a parser)
+    for step in ("stage1_local", "stage2_global", "finetune", "evaluate_test"):
+        resolved = json.loads((out / step / "config_resolved.json").read_text()) if step != "evaluate_test" else None
+        if resolved:
+            assert resolved["backbone"] == "resnet10" and resolved["image_size"] == [16, 16], step
+    ft = json.loads((out / "finetune" / "config_resolved.json").read_text())
+    assert ft["loss_name"] == "bce"  # ffcl.yaml's fine-tuning default travels to the fine-tuning step
+    assert ft["pretrained_ckpt"] == str(out / "stage2_global" / "backbone.pt")
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlruns.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     parent = [r for r in runs if r.info.run_id == summary["parent_run_id"]][0]
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert {"stage1_local", "stage2_global", "downstream", "evaluate_validation", "evaluate_test"} <= set(children)
+    assert {"stage1_local", "stage2_global", "finetune", "evaluate_validation", "evaluate_test"} <= set(children)
     assert "local_loss_layer4" in children["stage1_local"].data.metrics
     assert "global_loss" in children["stage2_global"].data.metrics
-    # A rerun skips every finished step.
-    run(config_file=[str(cdir / "common.yaml"), str(cdir / "ffcl.yaml")], meta_file=str(cdir / "metadata.json"),
-        logging_file=str(cdir / "logging.conf"), datalist=str(dl), output_dir=str(out), image_size=[16, 16],
-        backbone="resnet10", batch_size=4, local_epochs=1, global_epochs=1, max_epochs=1, n_bootstrap=10,
-        class_names=["A", "B"], progress=False)
+    # A rerun of the same command is the owner continuing: every finished step is skipped, nothing is trained again.
+    model_mtime = (out / "finetune" / "models" / "model.pt").stat().st_mtime_ns
+    run(**kwargs)
+    assert (out / "finetune" / "models" / "model.pt").stat().st_mtime_ns == model_mtime
+    assert json.loads((out / "summary.json").read_text())["metrics"]["test_auc"] == summary["metrics"]["test_auc"]
+
+
+def test_ffcl_yaml_without_workflow_name_says_how_to_run_it(tmp_path):
+    from monai.bundle import run
+
+    from conftest import user_error
+
+    dl = _tiny_datalist(tmp_path / "data")
+    cdir = runner.configs_dir()
+    with pytest.raises(Exception) as info:
+        run(config_file=[str(cdir / "train.yaml"), str(cdir / "ffcl.yaml")], datalist=str(dl),
+            output_dir=str(tmp_path / "o"), progress=False, class_names=["A", "B"])
+    assert "--workflow_name ffcl_monai.workflows.ffcl.FFCLWorkflow" in str(user_error(info.value))
+    assert not (tmp_path / "o" / "models").exists()  # refused before any training
 
 
 def test_robust_binary_auc_uses_the_unsaturated_column():

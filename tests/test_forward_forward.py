@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from ffcl_monai.engines.forward_forward import (
-    MLP,
     TensorBatches,
     create_backprop_trainer,
     create_ff_trainer,
@@ -30,7 +29,7 @@ from ffcl_monai.losses.forward_forward import (
     get_ff_loss,
     goodness,
 )
-from ffcl_monai.networks.forward_forward import FFNet
+from ffcl_monai.networks.forward_forward import MLP, FFNet
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -9,7 +9,7 @@ import pytest
 
 from ffcl_monai import bundle_root
 
-CONFIGS = [os.path.join(bundle_root(), "configs", "common.yaml"), os.path.join(bundle_root(), "configs", "ff.yaml")]
+CONFIGS = [os.path.join(bundle_root(), "configs", "train.yaml"), os.path.join(bundle_root(), "configs", "ff.yaml")]
 SAMPLE = os.path.join(bundle_root(), "sample", "kermany64", "datalist.json")
 
 

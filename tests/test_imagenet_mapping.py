@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ffcl_monai.engines.ffcl import init_backbone
 from ffcl_monai.networks.backbones import build_backbone
+from ffcl_monai.networks.checkpoints import init_backbone
 from ffcl_monai.networks.classifier import Classifier
 from ffcl_monai.networks.imagenet import load_imagenet_resnet, torchvision_resnet_to_backbone
 

@@ -33,7 +33,7 @@ TOL = 1e-4
 
 def _bundle_inference(images: list[Path], out: Path, **overrides) -> dict[str, list[float]]:
     """The bundle's inference workflow on image files: {file name: class probabilities}."""
-    run_bundle(cfg("common.yaml", "inference.yaml", *overrides.pop("overlays", [])), images=[str(p) for p in images],
+    run_bundle(cfg("inference.yaml", *overrides.pop("overlays", [])), images=[str(p) for p in images],
                output_dir=str(out), **overrides)
     rows = json.loads((out / "inference.json").read_text())
     names = overrides.get("class_names", ["NORMAL", "PNEUMONIA"])
@@ -69,7 +69,7 @@ def trained(tmp_path_factory):
     datalist = make_2d(root / "data")
     out = root / "run"
     t0 = time.time()
-    run_bundle(cfg("common.yaml", "train.yaml"), datalist=str(datalist), output_dir=str(out),
+    run_bundle(cfg("train.yaml"), datalist=str(datalist), output_dir=str(out),
                registered_model_name=REGISTERED, **TRAIN)
     train_s = time.time() - t0
     images = sorted((root / "data" / "test").glob("*.png"))
@@ -171,7 +171,7 @@ def test_without_a_registered_name_nothing_is_registered(trained, tracking, tmp_
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "common.yaml"), str(CONFIGS / "train.yaml")])
+    parser.read_config([str(CONFIGS / "train.yaml")])
     assert parser["log_model"] is True and parser["registered_model_name"] is None
 
     from ffcl_monai.serving.mlflow_pyfunc import log_classifier_model
@@ -286,7 +286,7 @@ def test_3d_volumes_match_bundle_inference(tmp_path):
     expected = _bundle_inference(images, tmp_path / "infer", checkpoint=str(ckpt), overlays=["3d.yaml"], **o)
 
     parser = ConfigParser()
-    parser.read_config(cfg("common.yaml", "train.yaml", "3d.yaml"))
+    parser.read_config(cfg("train.yaml", "3d.yaml"))
     parser.update(o)
     spec = model_spec_from_config(parser)
     assert spec["spatial_dims"] == 3 and spec["image_size"] == [12, 14, 16]

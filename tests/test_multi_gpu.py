@@ -84,7 +84,7 @@ def data2d(tmp_path_factory) -> Path:
 
 def test_torchrun_simclr_two_ranks(data2d, tmp_path):
     out = tmp_path / "simclr"
-    _torchrun(tmp_path, ["common.yaml", "pretrain_simclr.yaml", "multi_gpu_pretrain.yaml"],
+    _torchrun(tmp_path, ["train.yaml", "pretrain_simclr.yaml", "multi_gpu_train.yaml"],
               ["--datalist", str(data2d), "--output_dir", str(out), "--max_epochs", "2", *TINY])
     ckpt = torch.load(out / "backbone.pt", weights_only=True)
     assert ckpt["epochs"] == 2 and ckpt["method"] == "simclr"
@@ -100,8 +100,8 @@ def test_torchrun_simclr_two_ranks(data2d, tmp_path):
 def ffcl_run(data2d, tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("mg_ffcl")
     out = tmp / "ffcl"
-    _torchrun(tmp, ["common.yaml", "ffcl.yaml", "multi_gpu_ffcl.yaml"],
-              ["--datalist", str(data2d), "--output_dir", str(out), "--local_epochs", "1", "--global_epochs", "1",
+    _torchrun(tmp, ["train.yaml", "ffcl.yaml", "multi_gpu_train.yaml"],
+              ["--workflow_name", "ffcl_monai.workflows.ffcl.FFCLWorkflow", "--datalist", str(data2d), "--output_dir", str(out), "--local_epochs", "1", "--global_epochs", "1",
                "--max_epochs", "1", *TINY])
     return tmp, out
 
@@ -110,7 +110,7 @@ def test_torchrun_ffcl_two_ranks(ffcl_run):
     tmp, out = ffcl_run
     for stage in ("stage1_local", "stage2_global"):
         assert torch.load(out / stage / "backbone.pt", weights_only=True)["stage"] == stage.split("_")[1]
-    assert (out / "models" / "model.pt").is_file()  # the fine-tuned classifier
+    assert (out / "finetune" / "models" / "model.pt").is_file()  # the fine-tuned classifier
     saves = _saves(tmp)
     assert saves and {s["rank"] for s in saves} == {0}, saves
 
@@ -119,13 +119,13 @@ def test_torchrun_ffcl_mlflow_rank0_only(ffcl_run):
     _, out = ffcl_run
     runs = _runs(out)
     names = sorted(r.info.run_name for r in runs)
-    assert names == sorted(["ffcl:ffcl", "stage1_local", "stage2_global", "downstream", "evaluate_validation",
+    assert names == sorted(["ffcl:ffcl", "stage1_local", "stage2_global", "finetune", "evaluate_validation",
                             "evaluate_test"]), names  # one parent and one child per step, not one per rank
     parent = next(r for r in runs if r.info.run_name == "ffcl:ffcl")
     assert parent.info.status == "FINISHED" and "test_auc" in parent.data.metrics
     assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in runs if r is not parent)
     # the evaluate steps ran once, on rank 0, and wrote their reports
-    assert json.loads((out / "metrics.json").read_text())["metrics"]["auc"]["value"] >= 0.0
+    assert json.loads((out / "evaluate_test" / "metrics.json").read_text())["metrics"]["auc"]["value"] >= 0.0
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -216,7 +216,8 @@ def test_rank0_handlers_keep_training_logic_and_resume_loading(monkeypatch, tmp_
 
     from ffcl_monai.data.distributed import rank0_handlers
     from ffcl_monai.handlers.mlflow_tracking import SafeMLFlowHandler
-    from ffcl_monai.handlers.training import BestModelSaver, NaNGuard, ResumeHandler
+    from ffcl_monai.handlers.checkpoint import BestModelSaver
+    from ffcl_monai.handlers.training import NaNGuard, ResumeHandler
 
     net = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(net.parameters(), 0.1)
@@ -248,13 +249,13 @@ def test_setup_outside_torchrun_names_the_launcher(monkeypatch):
 def test_overlays_parse_with_their_workflows():
     from monai.bundle import ConfigParser
 
-    for files in (["common.yaml", "train.yaml", "multi_gpu.yaml"],
-                  ["common.yaml", "train.yaml", "3d.yaml", "multi_gpu.yaml"],
-                  ["common.yaml", "pretrain_simclr.yaml", "multi_gpu_pretrain.yaml"],
-                  ["common.yaml", "ffcl.yaml", "multi_gpu_ffcl.yaml"]):
+    for files in (["train.yaml", "multi_gpu_train.yaml"],
+                  ["train.yaml", "3d.yaml", "multi_gpu_train.yaml"],
+                  ["train.yaml", "pretrain_simclr.yaml", "multi_gpu_train.yaml"],
+                  ["train.yaml", "ffcl.yaml", "multi_gpu_train.yaml"]):
         parser = ConfigParser(ConfigParser.load_config_files([str(CONFIGS / f) for f in files]))
         assert parser["backend"] == "auto"
         assert "$ffcl_monai.data.distributed.teardown()" in parser["finalize"]
     parser = ConfigParser(ConfigParser.load_config_files(
-        [str(CONFIGS / f) for f in ("common.yaml", "pretrain_simclr.yaml", "multi_gpu_pretrain.yaml")]))
+        [str(CONFIGS / f) for f in ("train.yaml", "pretrain_simclr.yaml", "multi_gpu_train.yaml")]))
     assert parser["gather_distributed"] is True

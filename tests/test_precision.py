@@ -264,7 +264,8 @@ def test_ffcl_local_stage_fp16_single_pass_and_greedy():
 
 
 def test_ffcl_global_stage_fp16():
-    from ffcl_monai.engines.ffcl import GlobalContrastiveTrainer, GlobalContrastModel
+    from ffcl_monai.engines.ffcl import GlobalContrastiveTrainer
+    from ffcl_monai.networks.projection import GlobalContrastModel
 
     torch.manual_seed(0)
     model = GlobalContrastModel(_tiny_backbone(), projection="linear", proj_dim=8)
@@ -318,7 +319,8 @@ def test_ff_greedy_fp16_skips_the_frozen_layers_optimizer():
 
 
 def test_backprop_baseline_fp16():
-    from ffcl_monai.engines.forward_forward import MLP, TensorBatches, create_trainer
+    from ffcl_monai.engines.forward_forward import TensorBatches, create_trainer
+    from ffcl_monai.networks.forward_forward import MLP
 
     torch.manual_seed(0)
     x, y = _ff_data()
@@ -335,20 +337,21 @@ def test_backprop_baseline_fp16():
 @pytest.mark.parametrize(
     "files, keys",
     [
-        (["pretrain_simclr.yaml"], ["train#trainer#amp_dtype"]),
-        (["pretrain_simclr.yaml", "pretrain_barlow.yaml"], ["train#trainer#amp_dtype"]),
-        (["pretrain_aux.yaml"], ["train#trainer#amp_dtype"]),
-        (["train.yaml", "ffcl.yaml"], ["local#trainer#amp_dtype", "global#trainer#amp_dtype"]),
-        (["ff.yaml"], ["train#trainer#amp_dtype", "validate#evaluator#amp_kwargs", "evaluate#evaluator#amp_kwargs"]),
+        (["train.yaml", "pretrain_simclr.yaml"], ["train#trainer#amp_kwargs"]),
+        (["train.yaml", "pretrain_simclr.yaml", "pretrain_barlow.yaml"], ["train#trainer#amp_kwargs"]),
+        (["train.yaml", "pretrain_aux.yaml"], ["train#trainer#amp_kwargs"]),
+        (["train.yaml", "ffcl.yaml", "ffcl_local.yaml"], ["train#trainer#amp_kwargs"]),
+        (["train.yaml", "ffcl.yaml", "ffcl_global.yaml"], ["train#trainer#amp_kwargs"]),
+        (["train.yaml", "ff.yaml"], ["train#trainer#amp_dtype", "validate#evaluator#amp_kwargs", "evaluate#evaluator#amp_kwargs"]),
         (["train.yaml"], ["train#trainer#amp_kwargs", "validate#evaluator#amp_kwargs"]),
-        (["evaluate.yaml"], ["evaluator#amp_kwargs"]),
+        (["train.yaml", "evaluate.yaml"], ["validate#evaluator#amp_kwargs"]),
         (["inference.yaml"], ["evaluator#amp_kwargs"]),
     ],
 )
 def test_configs_pass_amp_dtype_to_every_engine(files, keys):
     from monai.bundle import ConfigParser
 
-    parser = ConfigParser(ConfigParser.load_config_files([str(CONFIGS / f) for f in ("common.yaml", *files)]))
+    parser = ConfigParser(ConfigParser.load_config_files([str(CONFIGS / f) for f in files]))
     parser["amp_dtype"] = "float16"
     for key in keys:
         value = parser.get_parsed_content(key)
@@ -358,7 +361,7 @@ def test_configs_pass_amp_dtype_to_every_engine(files, keys):
 def test_bad_amp_dtype_in_a_config_names_the_key():
     from monai.bundle import ConfigParser
 
-    parser = ConfigParser(ConfigParser.load_config_files([str(CONFIGS / f) for f in ("common.yaml", "train.yaml")]))
+    parser = ConfigParser(ConfigParser.load_config_files([str(CONFIGS / f) for f in ("train.yaml",)]))
     parser["amp_dtype"] = "float61"
     with pytest.raises(Exception) as err:
         parser.get_parsed_content("train#trainer#amp_kwargs")

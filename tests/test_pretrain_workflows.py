@@ -35,7 +35,7 @@ def _runs(out: Path) -> dict:
 
 def test_simclr_cli_checkpoint_loads_in_train_and_mlflow_has_the_run(tiny2d, tmp_path):
     out = tmp_path / "simclr"
-    r = bundle_cli(["run", "--config_file", str(cfg("common.yaml", "pretrain_simclr.yaml")), "--datalist", str(tiny2d),
+    r = bundle_cli(["run", "--config_file", str(cfg("train.yaml", "pretrain_simclr.yaml")), "--datalist", str(tiny2d),
                     "--output_dir", str(out), *overrides_cli({**TINY, "max_epochs": 2})])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ckpt = torch.load(out / "backbone.pt", weights_only=True)
@@ -57,14 +57,14 @@ def test_simclr_cli_checkpoint_loads_in_train_and_mlflow_has_the_run(tiny2d, tmp
     clf = Classifier("resnet10", num_classes=2)
     assert load_backbone(clf, out / "backbone.pt") == {"missing": [], "unexpected": []}
     torch.testing.assert_close(clf.backbone.state_dict()["blocks.0.conv1.weight"], ckpt["backbone"]["blocks.0.conv1.weight"])
-    run_bundle(cfg("common.yaml", "train.yaml"), datalist=str(tiny2d), output_dir=str(tmp_path / "ft"),
+    run_bundle(cfg("train.yaml"), datalist=str(tiny2d), output_dir=str(tmp_path / "ft"),
                pretrained_ckpt=str(out / "backbone.pt"), freeze_backbone=True, **{**TINY, "max_epochs": 1})
     assert (tmp_path / "ft" / "models" / "model.pt").is_file()
 
 
 def test_simclr_3d_and_mismatch_is_refused(tiny3d, tmp_path):
     out = tmp_path / "s3d"
-    run_bundle(cfg("common.yaml", "pretrain_simclr.yaml", "3d.yaml"), datalist=str(tiny3d), output_dir=str(out),
+    run_bundle(cfg("train.yaml", "pretrain_simclr.yaml", "3d.yaml"), datalist=str(tiny3d), output_dir=str(out),
                image_size=[16, 16, 16], batch_size=4, max_epochs=1, amp=False)
     ckpt = torch.load(out / "backbone.pt", weights_only=True)
     assert ckpt["spatial_dims"] == 3 and ckpt["backbone_name"] == "resnet10"
@@ -77,7 +77,7 @@ def test_simclr_3d_and_mismatch_is_refused(tiny3d, tmp_path):
 
 def test_barlow_twins_workflow(tiny2d, tmp_path):
     out = tmp_path / "barlow"
-    run_bundle(cfg("common.yaml", "pretrain_simclr.yaml", "pretrain_barlow.yaml"), datalist=str(tiny2d),
+    run_bundle(cfg("train.yaml", "pretrain_simclr.yaml", "pretrain_barlow.yaml"), datalist=str(tiny2d),
                output_dir=str(out), proj_hidden_dim=64, proj_dim=64, lambd=0.01, max_epochs=1, **{**TINY})
     ckpt = torch.load(out / "backbone.pt", weights_only=True)
     assert ckpt["method"] == "barlow" and ckpt["lambd"] == 0.01
@@ -110,11 +110,11 @@ def test_overfit_switch(tmp_path):
             "noise": {"transform": "RandGaussianNoised", "prob": 1.0, "std": 0.05}}
     common = dict(datalist=str(datalist), overfit=True, overfit_n=8, image_size=[16, 16], backbone="resnet10",
                   learning_rate=0.003, temperature=0.2, augment_2d=mild)
-    run_bundle(cfg("common.yaml", "pretrain_simclr.yaml"), output_dir=str(tmp_path / "ok"), max_epochs=8, **common)
+    run_bundle(cfg("train.yaml", "pretrain_simclr.yaml"), output_dir=str(tmp_path / "ok"), max_epochs=8, **common)
     rows = [json.loads(x) for x in (tmp_path / "ok" / "history.jsonl").read_text().splitlines()]
     assert np.mean([r["train_loss"] for r in rows[-2:]]) < 0.8 * np.mean([r["train_loss"] for r in rows[:2]])
     with pytest.raises(Exception) as err:
-        run_bundle(cfg("common.yaml", "pretrain_simclr.yaml"), output_dir=str(tmp_path / "bad"), max_epochs=2,
+        run_bundle(cfg("train.yaml", "pretrain_simclr.yaml"), output_dir=str(tmp_path / "bad"), max_epochs=2,
                    overfit_max_ratio=0.0, **common)
     assert "overfit check failed" in _chain(err.value)
 
@@ -130,7 +130,7 @@ def test_auxiliary_targets_workflow(tmp_path):
         e["age"] = None if i % 4 == 0 else 20.0 + 3 * i
     datalist.write_text(json.dumps(content))
     out = tmp_path / "aux"
-    run_bundle(cfg("common.yaml", "pretrain_aux.yaml"), datalist=str(datalist), output_dir=str(out), max_epochs=1,
+    run_bundle(cfg("train.yaml", "pretrain_aux.yaml"), datalist=str(datalist), output_dir=str(out), max_epochs=1,
                **TINY)
     assert load_backbone(Classifier("resnet10"), out / "backbone.pt")["missing"] == []
     client, runs = _runs(out)
@@ -138,7 +138,7 @@ def test_auxiliary_targets_workflow(tmp_path):
     for key in ("aux_loss_view", "aux_loss_sex", "aux_loss_age", "train_loss_epoch"):
         assert np.isfinite(client.get_metric_history(run.info.run_id, key)[0].value), key
     with pytest.raises(Exception) as err:
-        run_bundle(cfg("common.yaml", "pretrain_aux.yaml"), datalist=str(datalist), output_dir=str(tmp_path / "x"),
+        run_bundle(cfg("train.yaml", "pretrain_aux.yaml"), datalist=str(datalist), output_dir=str(tmp_path / "x"),
                    max_epochs=1, aux_heads={"bmi": {"kind": "smooth_l1"}}, **TINY)
     assert "auxiliary target 'bmi'" in _chain(err.value)
 
@@ -155,7 +155,7 @@ def test_label_efficiency_outputs_and_checkpoint_check(tmp_path):
     assert len(csv_path.read_text().splitlines()) == 9 and png_path.stat().st_size > 1000
     assert "| 0.1 | probe | +0.1000 |" in md_path.read_text()
     ckpt = save_backbone(tmp_path / "b.pt", build_backbone("resnet10"))
-    files = cfg("common.yaml", "train.yaml")
+    files = cfg("train.yaml")
     assert check_checkpoint(str(ckpt), files, {"backbone": "resnet10"}) == {"missing": [], "unexpected": []}
     with pytest.raises(ValueError, match="backbone"):
         check_checkpoint(str(ckpt), files, {"backbone": "resnet18"})

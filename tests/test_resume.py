@@ -18,7 +18,7 @@ SETTINGS = {"image_size": [32, 32], "backbone": "resnet10", "batch_size": 4, "ma
 
 
 def _cmd(datalist: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(cfg("common.yaml", "train.yaml")),
+    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(cfg("train.yaml")),
             "--datalist", str(datalist), "--output_dir", str(out), *overrides_cli(SETTINGS), *extra]
 
 

@@ -238,7 +238,7 @@ def test_evaluate_writes_gradcam_grid_and_logs_it(tmp_path, monkeypatch):
     data = make_2d(tmp_path / "data", counts=(4, 2, 12))
     out = tmp_path / "run"
     ckpt = _untrained_checkpoint(tmp_path / "m.pt")
-    run_bundle(cfg("common.yaml", "evaluate.yaml"), datalist=str(data), output_dir=str(out), checkpoint=str(ckpt),
+    run_bundle(cfg("train.yaml", "evaluate.yaml"), datalist=str(data), output_dir=str(out), checkpoint=str(ckpt),
                image_size=[32, 32], backbone="resnet10", batch_size=8, n_bootstrap=10, saliency_per_outcome=2)
     grid = out / "gradcam_grid.png"
     assert grid.is_file() and grid.stat().st_size > 5000
@@ -261,7 +261,7 @@ def test_evaluate_writes_gradcam_grid_and_logs_it(tmp_path, monkeypatch):
     assert {"gradcam_grid.png", "metrics.json", "roc.png"} <= arts
 
     off = tmp_path / "off"
-    run_bundle(cfg("common.yaml", "evaluate.yaml"), datalist=str(data), output_dir=str(off), checkpoint=str(ckpt),
+    run_bundle(cfg("train.yaml", "evaluate.yaml"), datalist=str(data), output_dir=str(off), checkpoint=str(ckpt),
                image_size=[32, 32], backbone="resnet10", batch_size=8, n_bootstrap=10, saliency="false")  # as the CLI
     assert (off / "metrics.json").is_file() and not (off / "gradcam_grid.png").exists()
 
@@ -270,7 +270,7 @@ def test_evaluate_3d_gradcampp_grid(tiny3d, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "r3d"
     ckpt = _untrained_checkpoint(tmp_path / "m3d.pt", spatial_dims=3)
-    run_bundle(cfg("common.yaml", "evaluate.yaml", "3d.yaml"), datalist=str(tiny3d), output_dir=str(out),
+    run_bundle(cfg("train.yaml", "evaluate.yaml", "3d.yaml"), datalist=str(tiny3d), output_dir=str(out),
                checkpoint=str(ckpt), image_size=[16, 16, 16], batch_size=4, n_bootstrap=10,
                class_names=["absent", "present"], saliency_method="gradcampp")
     assert (out / "gradcam_grid.png").stat().st_size > 3000
@@ -290,7 +290,7 @@ def test_evaluate_multiclass_grid_rows(tmp_path, monkeypatch):
                           num_classes=3, labels={str(i): n for i, n in enumerate(names)})
     out = tmp_path / "run"
     ckpt = _untrained_checkpoint(tmp_path / "m.pt", num_classes=3)
-    run_bundle(cfg("common.yaml", "evaluate.yaml"), datalist=str(data), output_dir=str(out), checkpoint=str(ckpt),
+    run_bundle(cfg("train.yaml", "evaluate.yaml"), datalist=str(data), output_dir=str(out), checkpoint=str(ckpt),
                task="multiclass", num_classes=3, class_names=names, image_size=[32, 32], backbone="resnet10",
                batch_size=8, n_bootstrap=10)
     meta = json.loads((out / "gradcam_grid.json").read_text())
@@ -317,12 +317,12 @@ def test_inference_saves_per_image_maps_on_request(tiny2d, tmp_path):
     ckpt = _untrained_checkpoint(tmp_path / "m.pt")
     common = dict(datalist=str(tiny2d), checkpoint=str(ckpt), image_size=[32, 32], backbone="resnet10", batch_size=4)
     plain = tmp_path / "plain"
-    run_bundle(cfg("common.yaml", "inference.yaml"), output_dir=str(plain), **common)
+    run_bundle(cfg("inference.yaml"), output_dir=str(plain), **common)
     header = next(csv.reader(io.StringIO((plain / "inference.csv").read_text())))
     assert header == ["image", "NORMAL", "PNEUMONIA"] and not (plain / "saliency").exists()
 
     out = tmp_path / "sal"
-    run_bundle(cfg("common.yaml", "inference.yaml"), output_dir=str(out), save_saliency="true", **common)
+    run_bundle(cfg("inference.yaml"), output_dir=str(out), save_saliency="true", **common)
     rows = list(csv.DictReader(io.StringIO((out / "inference.csv").read_text())))
     plain_rows = list(csv.DictReader(io.StringIO((plain / "inference.csv").read_text())))
     assert len(rows) == 6 and {"saliency", "saliency_png", "saliency_class"} <= set(rows[0])

@@ -50,7 +50,7 @@ def _edit(datalist: Path, fn) -> None:
 
 
 def _train(datalist: Path, out: Path, **extra) -> None:
-    run_bundle(_cfg("common.yaml", "train.yaml"), datalist=str(datalist), output_dir=str(out), **{**RUN, **extra})
+    run_bundle(_cfg("train.yaml"), datalist=str(datalist), output_dir=str(out), **{**RUN, **extra})
 
 
 def _untrained_checkpoint(path: Path) -> Path:
@@ -98,7 +98,7 @@ def test_nan_pixels_stop_inference_instead_of_nan_probabilities(tmp_path, monkey
     nib.save(nib.Nifti1Image(img, np.eye(4)), str(bad))
     out = tmp_path / "infer"
     with pytest.raises(Exception) as info:
-        run_bundle(_cfg("common.yaml", "inference.yaml"), images=[str(bad)], output_dir=str(out),
+        run_bundle(_cfg("inference.yaml"), images=[str(bad)], output_dir=str(out),
                    checkpoint=str(_untrained_checkpoint(tmp_path / "m.pt")), **EVAL)
     err = user_error(info.value)
     assert "scan.nii.gz" in str(err) and "1 NaN and 1 infinite" in str(err)
@@ -309,7 +309,7 @@ def test_cli_run_with_credentials_in_the_uri_leaks_nothing(data, tmp_path):
                 time.sleep(1)
         uri = f"http://alice:{SECRET}@127.0.0.1:{port}/"
         out = tmp_path / "run"
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(_cfg("common.yaml", "train.yaml")),
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(_cfg("train.yaml")),
                "--meta_file", _cfg("metadata.json")[0], "--datalist", str(data), "--output_dir", str(out),
                "--tracking_uri", uri, *[a for k, v in FAST.items() for a in (f"--{k}", json.dumps(v))]]
         env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MLFLOW_")}
@@ -330,7 +330,7 @@ def test_config_resolved_params_and_tags_are_redacted(tmp_path, monkeypatch):
     from ignite.engine import Engine
     from monai.bundle import ConfigParser
 
-    from ffcl_monai.engines.classification import save_resolved_config
+    from ffcl_monai.workflows.records import save_resolved_config
     from ffcl_monai.handlers.mlflow_tracking import SafeMLFlowHandler, log_report
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -360,7 +360,7 @@ def test_mlflow_artifacts_stay_under_output_dir(data, tmp_path, monkeypatch):
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     out = tmp_path / "out"
-    run_bundle(_cfg("common.yaml", "evaluate.yaml"), datalist=str(data), output_dir=str(out), n_bootstrap=10,
+    run_bundle(_cfg("train.yaml", "evaluate.yaml"), datalist=str(data), output_dir=str(out), n_bootstrap=10,
                checkpoint=str(_untrained_checkpoint(tmp_path / "m.pt")), **EVAL)
     uri = f"sqlite:///{tmp_path / 'pipe'}/mlruns.db"
     (tmp_path / "pipe").mkdir()
@@ -396,9 +396,9 @@ def test_outputs_hold_no_dicom_identifiers(tmp_path, monkeypatch, capfd):
     small = {**RUN, "max_epochs": 1, "batch_size": 4}
     _train(datalist, out, **small)
     small.pop("max_epochs")
-    run_bundle(_cfg("common.yaml", "evaluate.yaml"), datalist=str(datalist), output_dir=str(out), n_bootstrap=10,
+    run_bundle(_cfg("train.yaml", "evaluate.yaml"), datalist=str(datalist), output_dir=str(out), n_bootstrap=10,
                **small)
-    run_bundle(_cfg("common.yaml", "inference.yaml"), datalist=str(datalist), output_dir=str(out / "infer"),
+    run_bundle(_cfg("inference.yaml"), datalist=str(datalist), output_dir=str(out / "infer"),
                checkpoint=str(out / "models" / "model.pt"), **small)
     written = [p for p in out.rglob("*") if p.is_file()]
     names = {p.name for p in written}

@@ -91,7 +91,7 @@ def test_server_lost_after_the_first_epoch_training_finishes(tmp_path):
     out = tmp_path / "run"
     # validation every 2 epochs: the server dies after epoch 1 (its resume checkpoint), before the evaluator's first
     # start at epoch 2
-    said = _run_with_outage(tmp_path, out / "checkpoints" / "resume.pt", cfg("common.yaml", "train.yaml"), out,
+    said = _run_with_outage(tmp_path, out / "checkpoints" / "resume.pt", cfg("train.yaml"), out,
                             datalist=str(datalist), max_epochs=4, val_interval=2, log_model=False)
     assert "tracking stops for this run and training continues" in said
     history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines() if x.strip()]
@@ -104,10 +104,11 @@ def test_server_lost_at_a_stage_boundary_the_pipeline_finishes(tmp_path):
     datalist = make_2d(tmp_path / "data", counts=(8, 4, 4))
     out = tmp_path / "ffcl"
     # killed between the local stage and fine-tuning
-    said = _run_with_outage(tmp_path, out / "stage1_local" / "backbone.pt", cfg("common.yaml", "ffcl.yaml"), out,
+    said = _run_with_outage(tmp_path, out / "stage1_local" / "backbone.pt", cfg("train.yaml", "ffcl.yaml"), out,
+                            workflow_name="ffcl_monai.workflows.ffcl.FFCLWorkflow",
                             datalist=str(datalist), stages="local", local_epochs=1, max_epochs=1,
                             eval_splits=["test"], log_model=False)
     assert "training continues" in said
-    summary = json.loads((out / "pipeline_summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert "test_auc" in summary["metrics"]
-    assert (out / "metrics.json").is_file()
+    assert (out / "evaluate_test" / "metrics.json").is_file()

@@ -28,7 +28,7 @@ def _payload(sentinel: Path) -> str:
         ("$__import__('os').system('true')", "`x`"),
         ("  $1+1", "`x`"),
         ("@network_def", "`x`"),
-        ("%bundle/configs/common.yaml#network_def", "`x`"),
+        ("%bundle/configs/train.yaml#network_def", "`x`"),
         (["ok", ["fine", "$1"]], "x[1][1]"),
         ({"a": {"_target_": "os.system", "command": "true"}}, "x.a"),
         ({"_requires_": "$1"}, "`x`"),
@@ -119,14 +119,14 @@ def test_ablation_refuses_a_poisoned_header(poisoned, sentinel, tmp_path):
 
 def test_train_workflow_refuses_a_poisoned_header(poisoned, sentinel, tmp_path):
     with pytest.raises(Exception) as e:
-        run_bundle(cfg("common.yaml", "train.yaml"), datalist=str(poisoned), output_dir=str(tmp_path / "run"), **FAST)
+        run_bundle(cfg("train.yaml"), datalist=str(poisoned), output_dir=str(tmp_path / "run"), **FAST)
     assert "labels.0" in repr(e.value) or "labels.0" in str(e.value.__cause__)
     assert not sentinel.exists()
 
 
 def test_ffcl_pipeline_refuses_a_poisoned_header(poisoned, sentinel, tmp_path):
     with pytest.raises(Exception):
-        run_bundle(cfg("common.yaml", "ffcl.yaml"), datalist=str(poisoned), output_dir=str(tmp_path / "ffcl"),
+        run_bundle(cfg("train.yaml", "ffcl.yaml"), datalist=str(poisoned), output_dir=str(tmp_path / "ffcl"),
                    local_epochs=1, global_epochs=1, **FAST)
     assert not sentinel.exists()
     assert not (tmp_path / "ffcl" / "models" / "model.pt").exists()

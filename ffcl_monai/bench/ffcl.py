@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from ffcl_monai.bench.common import BenchResult, time_interleaved
-from ffcl_monai.engines.ffcl import GlobalContrastModel, local_step_per_block
+from ffcl_monai.engines.ffcl import local_step_per_block
 from ffcl_monai.losses.ffcl_pair import FFCLPairLoss
 from ffcl_monai.networks.classifier import Classifier
+from ffcl_monai.networks.projection import GlobalContrastModel
 
 
 def _images(data_root: str | None, n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:

@@ -1,6 +1,6 @@
 """Cost of the online embedding monitor (``ffcl_monai/handlers/embedding_monitor.py``) in a real SimCLR run.
 
-One run of the bundle's own ``common.yaml`` + ``pretrain_simclr.yaml`` workflow (built by
+One run of the bundle's own ``train.yaml`` + ``pretrain_simclr.yaml`` workflow (built by
 ``monai.bundle.ConfigWorkflow`` as ``python -m monai.bundle run`` builds it) with ``monitor_interval: 2``: odd epochs
 are plain, even epochs are monitored, so both kinds are measured side by side, alternating, on the same machine
 state. The monitor runs with the
@@ -75,7 +75,7 @@ def _measure(device: str, quick: bool, data_root: str | None, tmp: Path) -> dict
         "backbone": backbone, "batch_size": batch, "max_epochs": max_epochs, "progress": False, "device": device,
         "monitor_interval": 2,
     }
-    wf = build_workflow(["common.yaml", "pretrain_simclr.yaml"], overrides)
+    wf = build_workflow(["train.yaml", "pretrain_simclr.yaml"], overrides)
     get = wf.parser.get_parsed_content
     defaults = wf.parser.get  # the workflow file's own values of the keys the bench does not override
     trainer, monitor = get("train#trainer"), get("embedding_monitor")

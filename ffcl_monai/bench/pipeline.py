@@ -1,7 +1,7 @@
 """Data and engine overhead of the classification workflow: end-to-end training vs model-only, 2D and 3D.
 
 Contenders, measured side by side in one process, one epoch each, alternating (warm-up epochs first, then the median):
-    - ``end_to_end``: the bundle's own ``train.yaml`` workflow (``common.yaml`` + ``train.yaml`` [+ ``3d.yaml``]) built
+    - ``end_to_end``: the bundle's own ``train.yaml`` workflow (``train.yaml`` [+ ``3d.yaml``]) built
       by ``monai.bundle.ConfigWorkflow`` exactly as ``python -m monai.bundle run`` builds it: CacheDataset of the
       deterministic prefix, random augmentations, the ``loader_class`` loader, ``SupervisedTrainer`` and every training handler
       (seeding, NaN guard, LR schedule, history, resume checkpoint, stats, MLflow). Epochs >= 2 only (the cache is
@@ -30,10 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-import ffcl_monai
 from ffcl_monai.bench.common import BenchResult, sync
 
-CONFIGS = Path(ffcl_monai.bundle_root()) / "configs"
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -179,15 +177,9 @@ def as_plain(x: Any, device: str | torch.device) -> torch.Tensor:
 
 def build_workflow(config_names: Sequence[str], overrides: dict[str, Any]) -> Any:
     """A ``ConfigWorkflow`` of bundle config files, initialised (``initialize`` ids run), as ``monai.bundle run``."""
-    from monai.bundle import ConfigWorkflow
+    from ffcl_monai.workflows import runner
 
-    wf = ConfigWorkflow(
-        config_file=[str(CONFIGS / n) for n in config_names],
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=str(CONFIGS / "logging.conf"),
-        workflow_type="train",
-        **overrides,
-    )
+    wf = runner.workflow(runner.config_files(config_names), overrides)
     wf.initialize()
     return wf
 
@@ -199,12 +191,12 @@ def _measure(spatial_dims: int, device: str, quick: bool, data_root: str | None,
     if spatial_dims == 2:
         size, n_train, batch = (64, 64, 32) if quick else (64, 192, 32)
         datalist, source = bench_datalist(data_root, "kermany", tmp / "d2", 2, 128, n_train)
-        configs = ["common.yaml", "train.yaml"]
+        configs = ["train.yaml"]
         overrides: dict[str, Any] = {"image_size": [size, size], "backbone": "resnet18"}
     else:
         size, n_train, batch = (28, 32, 16) if quick else (28, 96, 16)
         datalist, source = bench_datalist(data_root, "adrenal3d", tmp / "d3", 3, size, n_train)
-        configs = ["common.yaml", "train.yaml", "3d.yaml"]
+        configs = ["train.yaml", "3d.yaml"]
         overrides = {"image_size": [size] * 3, "backbone": "resnet10"}
     warmup, repeats = (1, 2) if quick else (1, 5)
     overrides.update(

@@ -2,7 +2,7 @@
 
 Contenders (each one epoch over the same ``n`` volumes, same batch size, same ContrastiveModel, alternating; epoch 1
 is a warm-up, then the median of the repeats):
-    - ``project``: the bundle's own workflow, ``common.yaml`` + ``pretrain_simclr.yaml`` + ``3d.yaml`` built by
+    - ``project``: the bundle's own workflow, ``train.yaml`` + ``pretrain_simclr.yaml`` + ``3d.yaml`` built by
       ``monai.bundle.ConfigWorkflow`` as ``python -m monai.bundle run`` builds it: CacheDataset of the deterministic
       prefix (load, scale, resize: once), two views per image drawn on the fly (``TwoViewd``), the ``loader_class`` loader,
       ``TwoViewTrainer`` (one forward over both views), NT-Xent, and all of the workflow's handlers.
@@ -100,7 +100,7 @@ def _measure(device: str, quick: bool, data_root: str | None, tmp: Path) -> dict
         "device": device,
         "monitor_interval": 0,  # the embedding monitor's cost has its own side-by-side bench: `bench monitor`
     }
-    wf = build_workflow(["common.yaml", "pretrain_simclr.yaml", "3d.yaml"], overrides)
+    wf = build_workflow(["train.yaml", "pretrain_simclr.yaml", "3d.yaml"], overrides)
     get = wf.parser.get_parsed_content
     trainer, network, optimizer, loss_fn = get("train#trainer"), get("network"), get("optimizer"), get("loss")
     amp = bool(get("amp"))

@@ -44,9 +44,7 @@ RANK0_ONLY_HANDLERS = frozenset(
         "HistoryWriter",
         "ViewGridSaver",
         "CollapseMonitor",
-        "BackboneCheckpoint",
         "BackboneSaver",
-        "StageHistory",
         "GoodnessPlotHandler",
         "MetricsSaver",
         "ClassificationSaver",
@@ -120,7 +118,7 @@ def setup(backend: str | None = "auto") -> torch.device:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise RuntimeError(
             "the multi_gpu overlay must be launched by torchrun, e.g. `torchrun --standalone --nproc_per_node=2 -m "
-            "monai.bundle run --config_file \"[...,'bundle/configs/multi_gpu.yaml']\"` (RANK/WORLD_SIZE are unset)."
+            "monai.bundle run --config_file \"[...,'bundle/configs/multi_gpu_train.yaml']\"` (RANK/WORLD_SIZE are unset)."
         )
     if torch.cuda.is_available():
         device = torch.device(f"cuda:{local_rank()}")

@@ -7,6 +7,8 @@ The bundle configs list MONAI transforms explicitly (so users can change them); 
 - :class:`EnsureChannelsd`: grayscale conversion of RGB-stored images and a dimensionality check that catches 2D
   data given to a 3D config (and vice versa) while the cache is built, before training.
 - :class:`LabelToTensord`: integer labels -> long tensors, multi-label lists -> float tensors (batchable).
+- :class:`MetadataToTensord`: auxiliary-target metadata fields -> float32 scalars, ``None`` -> NaN (batchable; the
+  auxiliary loss masks the NaNs).
 - :class:`RandGaussianNoiseTorchd`: MONAI's RandGaussianNoised with the noise drawn by torch on the image's device
   (MONAI draws float64 numpy noise on the CPU: 5.9 ms vs 1.0 ms per 64^3 volume on 2 CPU cores, and on a GPU a
   host-to-device copy per view; ``python -m ffcl_monai.bench simclr_epoch`` prints the side-by-side timing).
@@ -203,6 +205,29 @@ class LabelToTensord(MapTransform):
                 d[key] = torch.as_tensor(value, dtype=torch.float32)
             else:
                 d[key] = torch.as_tensor(int(value), dtype=torch.long)
+        return d
+
+
+class MetadataToTensord(MapTransform):
+    """Metadata fields -> float32 scalars, ``None``/missing -> NaN (masked by
+    :class:`~ffcl_monai.losses.auxiliary.MaskedMultiHeadLoss`), so batches of entries with partial metadata collate
+    (auxiliary-target pretraining, seed 004)."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.keys:
+            value = d.get(key)
+            try:
+                v = float("nan") if value is None else float(value)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"metadata field {key!r} of {d.get('image')} is {value!r}; auxiliary targets must be numbers or "
+                    "null (view as a class index, sex as 0/1, age in years)."
+                ) from None
+            d[key] = torch.tensor(v, dtype=torch.float32)
         return d
 
 

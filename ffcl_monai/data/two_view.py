@@ -2,7 +2,7 @@
 
 Pipeline (what :func:`two_view_dataset` builds)::
 
-    deterministic_transforms (common.yaml: load, grayscale, scale, resize)   <- cached once by CacheDataset
+    deterministic_transforms (train.yaml: load, grayscale, scale, resize)   <- cached once by CacheDataset
     TwoViewd: CopyItemsd(image -> view1, view2)                              <- first random transform: cache stops here
               augment(view1)   one Compose call, its own random draws
               augment(view2)   another Compose call, other random draws
@@ -15,6 +15,9 @@ Augmentations come from the config as an ordered mapping ``{name: {transform: <M
 (``augment_2d`` / ``augment_3d`` in ``bundle/configs/pretrain_simclr.yaml``), so each one can be changed or turned
 off from the command line (``--augment_2d#noise#prob 0``, ``--augment_2d#dropout null``). Defaults per modality are
 in :data:`DEFAULT_AUGMENT_2D` / :data:`DEFAULT_AUGMENT_3D` below.
+
+Also the datalist helpers of the pretraining workflows: :func:`check_pretrain_datalist` (header check),
+:func:`strip_labels`, :func:`first_n` (the ``overfit`` switch) and :func:`check_metadata` (auxiliary targets).
 """
 
 from __future__ import annotations
@@ -178,6 +181,28 @@ def strip_labels(items: Sequence[Mapping[str, Any]], keep: Sequence[str] = ()) -
     """Entries with only ``image`` (and the ``keep`` fields): labels are not used by self-supervised pretraining,
     and dropping them proves it (and lets entries with or without ``label`` be batched together)."""
     return [{"image": d["image"], **{k: d[k] for k in keep if k in d}} for d in items]
+
+
+def check_pretrain_datalist(datalist: str, spatial_dims: int) -> dict[str, Any]:
+    """Header check for pretraining: only the dimensionality matters (labels, classes and task are unused)."""
+    from ffcl_monai.data.datalist import check_header, read_header
+
+    header = read_header(datalist)
+    return check_header(datalist, int(header.get("num_classes") or 2), spatial_dims, header.get("task") or "binary")
+
+
+def check_metadata(items: Sequence[Mapping[str, Any]], heads: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The datalist entries of auxiliary-target pretraining, after failing early when an ``aux_heads`` field is absent
+    from every entry (a typo, or the wrong datalist)."""
+    items = [dict(d) for d in items]
+    for field in heads:
+        known = sum(1 for d in items if d.get(field) is not None)
+        if known == 0:
+            raise ValueError(
+                f"no entry of the datalist has a value for auxiliary target {field!r}. Add it to the datalist "
+                f"(e.g. data_prep's metadata columns) or remove it from `aux_heads`."
+            )
+    return items
 
 
 def first_n(items: Sequence[dict], n: int) -> list[dict]:

@@ -19,17 +19,30 @@ Negatives (key ``negatives``):
     - ``other_sample``: another sample's image with this sample's label, seed 003's ``x_i*`` (Eq. 3.3, ``j != i``);
       we also require a different class when the batch has one, otherwise the "negative" would be positive data.
 
-``engine.state.output`` is ``{"loss": tensor, ...}``; at every epoch end ``engine.state.metrics`` holds ``loss`` and,
-for every layer ``l`` trained so far, ``layer{l}_loss``, ``layer{l}_g_pos`` and ``layer{l}_g_neg`` (epoch means), so
-MONAI's ``MLFlowHandler``/``StatsHandler`` log them per epoch. ``engine.state.history`` keeps the same per epoch for
-the goodness plot.
+``engine.state.output`` is MONAI's ``{"image", "label", "pred", "loss"}`` plus ``layer{l}_loss``, ``layer{l}_g_pos``
+and ``layer{l}_g_neg`` of the layers trained in the step; at every epoch end ``engine.state.metrics`` holds ``loss``
+and, for every layer ``l`` trained so far, the epoch means of those three (the shared
+:class:`~ffcl_monai.handlers.history.EpochMeans`, registered before any config handler, so MONAI's
+``MLFlowHandler``/``StatsHandler`` log them per epoch), ``skipped_steps`` and ``train_time_s``.
+``engine.state.history`` keeps the epoch's means per epoch for the goodness plot.
+
+Why plain Ignite engines built by functions and not :class:`~ffcl_monai.engines.base.BaseTrainer` subclasses, as the
+other trainers are: a Forward-Forward step is not "a batch -> one network -> one loss -> one optimizer". It has a list
+of optimizers (one per layer is allowed), a greedy schedule that changes which layers run and step every epoch, a
+per-iteration cosine schedule per layer phase, negatives built inside the step (hard negatives score the current
+net), and in-memory ``(x, y)`` tensor batches that the bundle passes to ``engine.run(batches, max_epochs=...)``.
+Each of these would override a part of MONAI's ``SupervisedTrainer`` (``prepare_batch``, ``optimizer``,
+``run(data, max_epochs)``) until little of it is left. The engines share what the base gives the others instead: the
+MONAI ``IterationEvents`` fired in MONAI's order (``FORWARD_COMPLETED``, ``LOSS_COMPLETED``, ``BACKWARD_COMPLETED``,
+``MODEL_COMPLETED``), the epoch means, :class:`~ffcl_monai.engines.precision.Precision` (mixed precision and the
+non-finite-step check) and :class:`~ffcl_monai.engines.precision.SkippedStepGuard` (``max_skipped_steps``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -38,10 +51,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
 
-from ffcl_monai.engines.precision import Precision, as_optimizer_list
+from ffcl_monai.engines.precision import Precision, SkippedStepGuard, as_optimizer_list
+from ffcl_monai.handlers.history import EpochMeans
 from ffcl_monai.losses.forward_forward import get_ff_loss
-from ffcl_monai.networks.forward_forward import FFNet
+from ffcl_monai.networks.checkpoints import atomic_save, safe_load
+from ffcl_monai.networks.forward_forward import FFNet, LinearReadout
 
 __all__ = [
     "TensorBatches",
@@ -53,9 +69,9 @@ __all__ = [
     "ff_scores",
     "create_backprop_trainer",
     "train_linear_readout",
-    "LinearReadout",
-    "MLP",
 ]
+
+logger = logging.getLogger(__name__)
 
 SCHEDULES = ("greedy", "simultaneous")
 NEGATIVES = ("wrong_label", "hard", "other_sample")
@@ -72,6 +88,10 @@ class TensorBatches:
         shuffle: new random order every epoch.
         drop_last: drop a last incomplete batch (keeps the per-step statistics comparable).
         seed: generator seed for the order.
+
+    :meth:`set_random_state` re-seeds the order (MONAI's ``set_rnd`` calls it): ``EpochSeedHandler`` does so at every
+    epoch start from ``seed + epoch``, so epoch e draws the same order whether the run went straight through or was
+    resumed from a checkpoint (a generator seeded once would restart its sequence on resume).
     """
 
     def __init__(
@@ -91,6 +111,15 @@ class TensorBatches:
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.generator = torch.Generator().manual_seed(seed)
+
+    def set_random_state(self, seed: int | None = None, state: Any = None) -> TensorBatches:
+        """Re-seed the shuffling generator (the signature of MONAI's ``Randomizable.set_random_state``; ``state`` is
+        not supported: the order is drawn by torch)."""
+        if state is not None:
+            raise TypeError("TensorBatches draws its order with torch: set its random state with `seed`.")
+        if seed is not None:
+            self.generator.manual_seed(int(seed))
+        return self
 
     def __len__(self) -> int:
         n = len(self.x)
@@ -176,6 +205,7 @@ def create_ff_trainer(
     amp: bool = False,
     device: str | torch.device | None = None,
     amp_dtype: str | torch.dtype = "bfloat16",
+    max_skipped_steps: int = 20,
 ) -> Engine:
     """Ignite engine that trains ``net`` with the Forward-Forward algorithm on ``(x, y)`` minibatches.
 
@@ -200,6 +230,8 @@ def create_ff_trainer(
         device: where batches are moved (defaults to the net's device).
         amp_dtype: ``bfloat16`` or ``float16``; float16 adds one gradient scaler shared by all optimizers
             (:meth:`~ffcl_monai.engines.precision.Precision.step` says why one), as ``engine.scaler``.
+        max_skipped_steps: stop with a ``FloatingPointError`` after this many steps in a row were skipped for a
+            non-finite loss or gradient (:class:`~ffcl_monai.engines.precision.SkippedStepGuard`).
 
     Returns:
         The engine; run it with ``engine.run(TensorBatches(...), max_epochs=...)``. For ``greedy`` use
@@ -220,9 +252,9 @@ def create_ff_trainer(
     n_layers = len(net.layers)
     m = net.num_classes
     optimizers = as_optimizer_list(optimizer)
-    groups = [g for opt in optimizers for g in opt.param_groups]
-    base_lrs = [g["lr"] for g in groups]
+    base_lrs = [g["lr"] for opt in optimizers for g in opt.param_groups]
     precision = Precision(dev, amp, amp_dtype)
+    guard = SkippedStepGuard(max_skipped_steps)
 
     def current_layer(engine: Engine) -> int:
         """Greedy: the layer this epoch trains; simultaneous: the last layer (all are trained)."""
@@ -237,6 +269,7 @@ def create_ff_trainer(
         y = y.to(dev, non_blocking=True).long()
         if max_shift > 0:
             x = shift_augment(x, image_shape, max_shift)  # type: ignore[arg-type]
+        engine.state.output = {"image": x, "label": y}
         top = current_layer(engine)
         first = 0 if schedule == "simultaneous" else top
         eye = torch.eye(m, device=dev)
@@ -274,7 +307,10 @@ def create_ff_trainer(
             else:
                 # greedy, layer >= 1: frozen lower layers run without building a graph
                 trained = [(first, net.layers[first](_input_of(net, xs, codes, first)))]
-        losses, gp, gn = [], [], []
+        out = engine.state.output
+        out["pred"] = [act for _, act in trained]
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        losses = []
         for li, act in trained:
             g = net.layer_goodness(act)
             if negatives == "other_sample":
@@ -282,26 +318,25 @@ def create_ff_trainer(
             else:
                 g_pos, g_neg = g[:, 0], g[:, 1]
             losses.append(loss_fn(g_pos, g_neg, threshold))
-            gp.append(g_pos.detach().mean())
-            gn.append(g_neg.detach().mean())
+            out[f"layer{li}_loss"] = losses[-1].detach()
+            out[f"layer{li}_g_pos"] = g_pos.detach().mean()
+            out[f"layer{li}_g_neg"] = g_neg.detach().mean()
         total = torch.stack(losses).sum()
+        out["loss"] = total.detach()
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         # One backward of the summed (and, with fp16, scaled) losses gives every layer its own gradient, all with the
         # same loss scale; hence one scaler shared by the optimizers, each stepped, then one scale update per step.
-        precision.backward_step(total, optimizers)
-        layers = [li for li, _ in trained]
-        return {
-            "loss": total.detach(),
-            "layers": layers,
-            "layer_loss": torch.stack([v.detach() for v in losses]),
-            "g_pos": torch.stack(gp),
-            "g_neg": torch.stack(gn),
-        }
+        precision.backward(total)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        guard.record(engine, precision.step(optimizers, loss=total), scaled=precision.scaler is not None)
+        out["pred"] = [act.detach() for act in out["pred"]]
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return out
 
-    engine = Engine(_timed(step))
-    engine.precision, engine.scaler = precision, precision.scaler  # type: ignore[attr-defined]
-    _attach_epoch_metrics(engine, n_layers)
+    engine = _engine(step, precision, guard)
+    _attach_epoch_history(engine)
 
     if lr_schedule == "cosine":
 
@@ -319,6 +354,8 @@ def create_ff_trainer(
                 phase_epochs, e_in = total_epochs, engine.state.epoch - 1
             it_in = (engine.state.iteration - 1) % per
             t = (e_in * per + it_in) / max(phase_epochs * per, 1)
+            # the optimizers' current groups: load_state_dict (a resumed run) replaces the group dicts
+            groups = [g for opt in optimizers for g in opt.param_groups]
             for g, lr0 in zip(groups, base_lrs):
                 g["lr"] = 0.5 * lr0 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
@@ -341,7 +378,7 @@ def _timed(step: Callable[[Engine, Any], Any]) -> Callable[[Engine, Any], Any]:
 
 
 def _attach_timer_metrics(engine: Engine) -> None:
-    """``train_time_s`` (cumulative seconds inside training steps) in ``state.metrics`` each epoch; printed at the end."""
+    """``train_time_s`` (cumulative seconds inside training steps) in ``state.metrics`` each epoch; logged at the end."""
 
     @engine.on(Events.STARTED)
     def _start(engine: Engine) -> None:
@@ -355,8 +392,8 @@ def _attach_timer_metrics(engine: Engine) -> None:
     @engine.on(Events.COMPLETED)
     def _done(engine: Engine) -> None:
         wall = time.perf_counter() - engine.state.train_wall_t0
-        print(f"training: {engine.state.train_step_s:.1f} s in training steps, {wall:.1f} s wall with handlers "
-              f"({engine.state.epoch} epochs)", flush=True)
+        logger.info("training: %.1f s in training steps, %.1f s wall with handlers (%d epochs)",
+                    engine.state.train_step_s, wall, engine.state.epoch)
 
 
 def _input_of(net: FFNet, x: torch.Tensor, codes: torch.Tensor, layer: int) -> torch.Tensor:
@@ -368,49 +405,35 @@ def _input_of(net: FFNet, x: torch.Tensor, codes: torch.Tensor, layer: int) -> t
     return h
 
 
-def _attach_epoch_metrics(engine: Engine, n_layers: int) -> None:
-    """Accumulate per-layer loss and mean goodness over an epoch into ``engine.state.metrics``.
-
-    Registered when the engine is created, i.e. before any MLflow/Stats handler, so those see the new values.
-    """
+def _engine(step: Callable[[Engine, Any], Any], precision: Precision, guard: SkippedStepGuard) -> Engine:
+    """The Ignite engine of a step function, with what every project trainer has, registered before any config
+    handler so that they see the new values: MONAI's ``IterationEvents``, ``engine.precision``/``engine.scaler``
+    (ResumeHandler saves the scaler), ``train_time_s``, ``skipped_steps`` and the epoch means of ``loss`` and of the
+    per-layer ``layer{l}_*`` entries. Metrics of layers a greedy schedule no longer trains keep their last value."""
+    engine = Engine(_timed(step))
+    engine.register_events(*IterationEvents)
+    engine.precision, engine.scaler = precision, precision.scaler  # type: ignore[attr-defined]
     _attach_timer_metrics(engine)
+    guard.attach(engine)
+    engine.epoch_means = EpochMeans(  # type: ignore[attr-defined]
+        lambda k: k if k == "loss" or k.startswith("layer") else None, drop_stale=False
+    )
+    engine.epoch_means.attach(engine)  # type: ignore[attr-defined]
+    return engine
+
+
+def _attach_epoch_history(engine: Engine) -> None:
+    """``engine.state.history``: one dict of the epoch's means per epoch (the goodness plot's data)."""
 
     @engine.on(Events.STARTED)
     def _history(engine: Engine) -> None:
         if not hasattr(engine.state, "history"):
             engine.state.history = []  # type: ignore[attr-defined]
 
-    @engine.on(Events.EPOCH_STARTED)
-    def _reset(engine: Engine) -> None:
-        engine.state.ff_acc = {}  # type: ignore[attr-defined]
-        engine.state.ff_steps = 0  # type: ignore[attr-defined]
-
-    @engine.on(Events.ITERATION_COMPLETED)
-    def _accumulate(engine: Engine) -> None:
-        out = engine.state.output
-        acc = engine.state.ff_acc  # type: ignore[attr-defined]
-        stacked = torch.stack([out["layer_loss"], out["g_pos"], out["g_neg"]])  # (3, n_trained)
-        key = tuple(out["layers"])
-        acc[key] = acc[key] + stacked if key in acc else stacked.clone()
-        acc.setdefault("loss", 0.0)
-        acc["loss"] = acc["loss"] + out["loss"]
-        engine.state.ff_steps += 1  # type: ignore[attr-defined]
-
     @engine.on(Events.EPOCH_COMPLETED)
-    def _write(engine: Engine) -> None:
-        acc = engine.state.ff_acc  # type: ignore[attr-defined]
-        n = max(engine.state.ff_steps, 1)  # type: ignore[attr-defined]
-        metrics: dict[str, float] = {"loss": float(acc.get("loss", 0.0)) / n}
-        for key, val in acc.items():
-            if key == "loss":
-                continue
-            val = (val / n).tolist()
-            for i, li in enumerate(key):
-                metrics[f"layer{li}_loss"] = val[0][i]
-                metrics[f"layer{li}_g_pos"] = val[1][i]
-                metrics[f"layer{li}_g_neg"] = val[2][i]
-        engine.state.metrics.update(metrics)
-        engine.state.history.append({"epoch": engine.state.epoch, **metrics})  # type: ignore[attr-defined]
+    def _append(engine: Engine) -> None:
+        means = engine.epoch_means.last  # type: ignore[attr-defined]
+        engine.state.history.append({"epoch": engine.state.epoch, **means})  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------------------------------- evaluation
@@ -439,25 +462,6 @@ def ff_scores(
     return torch.cat(out)
 
 
-class LinearReadout(nn.Module):
-    """Softmax read-out on the neutral-label activations of a frozen :class:`FFNet` (Hinton 2022 s.3.3)."""
-
-    def __init__(self, net: FFNet, skip_first: bool = False) -> None:
-        super().__init__()
-        widths = [layer.linear.out_features for layer in net.layers]
-        if skip_first and len(widths) > 1:
-            widths = widths[1:]
-        self.net = net
-        self.skip_first = skip_first
-        self.head = nn.Linear(sum(widths), net.num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, m)``; the FF net is not trained through this path."""
-        with torch.no_grad():
-            f = self.net.features(x.flatten(1).float(), self.skip_first)
-        return self.head(f)
-
-
 def train_linear_readout(
     net: FFNet,
     x: torch.Tensor,
@@ -484,23 +488,6 @@ def train_linear_readout(
 
 
 # ---------------------------------------------------------------------------------------------- backprop baseline
-class MLP(nn.Module):
-    """Backprop baseline of the same widths: ``D - hidden... - m`` with ReLU (flattened input)."""
-
-    def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (500, 500)) -> None:
-        super().__init__()
-        widths = [in_features, *hidden]
-        mods: list[nn.Module] = []
-        for a, b in zip(widths[:-1], widths[1:]):
-            mods += [nn.Linear(a, b), nn.ReLU()]
-        mods.append(nn.Linear(widths[-1], num_classes))
-        self.body = nn.Sequential(*mods)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, m)``."""
-        return self.body(x.flatten(1).float())
-
-
 def create_backprop_trainer(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -509,66 +496,54 @@ def create_backprop_trainer(
     max_shift: int = 0,
     amp: bool = False,
     amp_dtype: str | torch.dtype = "bfloat16",
+    max_skipped_steps: int = 20,
 ) -> Engine:
     """Plain supervised Ignite engine on the same in-memory batches and augmentation as the FF trainer.
 
     ``amp`` autocasts the forward pass in ``amp_dtype`` (float16 adds a gradient scaler, ``engine.scaler``); the loss
-    is computed in float32.
+    is computed in float32. Fires MONAI's ``IterationEvents`` and writes the epoch mean ``loss``, ``skipped_steps``
+    and ``train_time_s`` to ``engine.state.metrics``, as :func:`create_ff_trainer`.
     """
     if max_shift > 0 and image_shape is None:
         raise ValueError("`max_shift` > 0 needs `image_shape` (H, W) of the flattened images.")
     dev = next(model.parameters()).device
     precision = Precision(dev, amp, amp_dtype)
+    guard = SkippedStepGuard(max_skipped_steps)
 
-    def step(engine: Engine, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def step(engine: Engine, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
         model.train()
         x, y = batch
         x = x.to(dev).float()
+        y = y.to(dev).long()
         if max_shift > 0:
             x = shift_augment(x.flatten(1), image_shape, max_shift)  # type: ignore[arg-type]
+        engine.state.output = out = {"image": x, "label": y}
         with precision.autocast():
             logits = model(x)
-        loss = loss_fn(logits.float(), y.to(dev).long())
+        out["pred"] = logits
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        loss = loss_fn(logits.float(), y)
+        out["loss"] = loss.detach()
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
         optimizer.zero_grad(set_to_none=True)
-        precision.backward_step(loss, optimizer)
-        return {"loss": loss.detach()}
+        precision.backward(loss)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        guard.record(engine, precision.step(optimizer, loss=loss), scaled=precision.scaler is not None)
+        out["pred"] = logits.detach()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return out
 
-    engine = Engine(_timed(step))
-    engine.precision, engine.scaler = precision, precision.scaler  # type: ignore[attr-defined]
-    _attach_timer_metrics(engine)
-    return engine
+    return _engine(step, precision, guard)
 
 
 # ------------------------------------------------------------------------------------------- bundle wiring helpers
-def build_network(
-    method: str,
-    in_features: int,
-    num_classes: int,
-    hidden: Sequence[int] = (500, 500),
-    embedding: str = "overlay",
-    label_scale: float = 1.0,
-    norm: str = "rms",
-    goodness: str = "sum",
-    skip_first: bool = False,
-    task: str = "multiclass",
-) -> nn.Module:
-    """The ``ff`` workflow's network: an :class:`FFNet` (``method: ff``) or the backprop :class:`MLP` baseline of
-    the same widths (``method: backprop``)."""
-    if task == "multilabel":
-        raise ValueError("the ff workflow supports single-label tasks (binary, multiclass); `task` is multilabel.")
-    if method == "ff":
-        return FFNet(in_features, num_classes, hidden, embedding, label_scale, norm, goodness, skip_first=skip_first)
-    if method == "backprop":
-        return MLP(in_features, num_classes, hidden)
-    raise ValueError(f"unknown `method` {method!r}; use ff or backprop.")
-
-
 def create_trainer(method: str, network: nn.Module, optimizer: torch.optim.Optimizer, **ff_kwargs: Any) -> Engine:
     """:func:`create_ff_trainer` for ``method: ff``, :func:`create_backprop_trainer` (same batches, augmentation and
     ``amp``, ``amp_dtype``) for ``method: backprop``."""
     if method == "ff":
         return create_ff_trainer(network, optimizer, **ff_kwargs)  # type: ignore[arg-type]
-    keep = {k: ff_kwargs[k] for k in ("image_shape", "max_shift", "amp", "amp_dtype") if k in ff_kwargs}
+    keep = {k: ff_kwargs[k] for k in ("image_shape", "max_shift", "amp", "amp_dtype", "max_skipped_steps")
+            if k in ff_kwargs}
     return create_backprop_trainer(network, optimizer, **keep)
 
 
@@ -645,14 +620,11 @@ def finish_training(network: nn.Module, ckpt_path: str, use_best: bool) -> nn.Mo
     """After training: load the best-on-validation checkpoint (``use_best``) or save the final weights there."""
     path = Path(ckpt_path)
     if use_best and path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = safe_load(path)
         network.load_state_dict(state.get("model", state))
-        print(f"loaded the best-on-validation weights from {path}", flush=True)
+        logger.info("loaded the best-on-validation weights from %s", path)
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"model": network.state_dict()}, tmp)
-        os.replace(tmp, path)
+        atomic_save({"model": network.state_dict()}, path)
     return network
 
 
@@ -676,6 +648,5 @@ def eval_network(
         raise ValueError("`prediction: linear` needs the training tensors to fit the read-out.")
     readout = train_linear_readout(network, tensors[0], tensors[1], epochs=epochs, lr=lr, skip_first=skip_first, seed=seed)
     if ckpt_dir:
-        Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
-        torch.save({"model": readout.head.state_dict()}, Path(ckpt_dir) / "readout.pt")
+        atomic_save({"model": readout.head.state_dict()}, Path(ckpt_dir) / "readout.pt")
     return readout

@@ -5,14 +5,18 @@
         [--epochs 0.01:40,0.1:20,1.0:10] [--probe_lr 0.01] [--finetune_lr 0.001] [--<any bundle key> value ...]
 
 Every cell of fractions x {random, pretrained} x {probe, fine-tune} is one run of the bundle's own classification
-workflow (``common.yaml`` + ``train.yaml`` + overlays, through MONAI's ``ConfigWorkflow``) with
+workflow (``train.yaml`` + overlays, through :func:`ffcl_monai.workflows.runner.run`) with
 ``label_fraction`` (stratified, seeded subset of the training labels), ``pretrained_ckpt`` (pretrained cells) and
 ``freeze_backbone`` (probe cells: frozen backbone and BatchNorm statistics, trained linear head). No second
 classification pipeline exists here. Model selection and the reported AUC use the validation split only.
 
 Outputs in ``output_dir``: ``label_efficiency.csv``, ``label_efficiency.md`` (table: epochs, wall time, best
 validation AUC per cell), ``label_efficiency.png`` (AUC vs label fraction), one sub-folder per cell, and one MLflow
-parent run (``label_efficiency:<name>``) whose child runs are the cells' training runs, all in one store.
+parent run (``label_efficiency:<name>``) whose child runs are the cells' training runs, all in one store. The curve is an
+:class:`~ffcl_monai.workflows.experiment.Experiment`: rerunning the command into the same folder skips finished cells
+and resumes an interrupted one from its last epoch; a later call with more ``--inits`` or ``--fractions`` adds cells
+(e.g. random-init cells run while the pretraining still goes). Extra ``--key value`` pairs are bundle overrides, read
+as YAML (:func:`ffcl_monai.workflows.runner.parse_override`).
 
 The checkpoint is checked before any training: it is loaded into the configured classifier, missing and unexpected
 keys are printed, and a backbone that does not match (architecture, spatial dims, channels, shapes) stops the command.
@@ -25,32 +29,15 @@ import csv
 import json
 import logging
 import math
-import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 logger = logging.getLogger(__name__)
 
 MODES = ("probe", "finetune")
 INITS = ("random", "pretrained")
-
-
-def _configs_dir() -> Path:
-    import ffcl_monai
-
-    return Path(ffcl_monai.bundle_root()) / "configs"
-
-
-def _parse_value(text: str) -> Any:
-    """CLI override values: YAML literals (numbers, lists, true/false, null), else the string."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
 
 
 def parse_epochs(spec: str | None, fractions: Sequence[float], default: int) -> dict[float, int]:
@@ -65,17 +52,13 @@ def parse_epochs(spec: str | None, fractions: Sequence[float], default: int) -> 
 
 def check_checkpoint(ckpt: str, config_files: Sequence[str], overrides: dict[str, Any]) -> dict[str, list]:
     """Load ``ckpt`` into the classifier the configs build; print missing/unexpected keys; raise on a mismatch."""
-    from monai.bundle import ConfigParser
-
     from ffcl_monai.networks.checkpoints import load_backbone
+    from ffcl_monai.workflows import runner
 
-    parser = ConfigParser()
-    parser.read_config([str(f) for f in config_files])
-    parser.update({k: v for k, v in overrides.items()})
-    net = parser.get_parsed_content("network_def")
+    net = runner.load(config_files, overrides).get_parsed_content("network_def")
     report = load_backbone(net, ckpt)
-    print(f"checkpoint {ckpt}: {len(report['missing'])} missing keys {report['missing'][:5]}, "
-          f"{len(report['unexpected'])} unexpected keys {report['unexpected'][:5]}", flush=True)
+    logger.info("checkpoint %s: %d missing keys %s, %d unexpected keys %s", ckpt, len(report["missing"]),
+                report["missing"][:5], len(report["unexpected"]), report["unexpected"][:5])
     return report
 
 
@@ -90,43 +73,13 @@ def _best_from_history(out_dir: Path) -> tuple[float, int, int]:
     return float(auc), int(epoch), len(rows)
 
 
-def run_cell(
-    config_files: Sequence[str], overrides: dict[str, Any], out_dir: Path
-) -> dict[str, Any]:
-    """One training run of the bundle's classification workflow; returns its best validation AUC and timing."""
-    from monai.bundle import ConfigWorkflow
-    from monai.data import set_track_meta
+def run_cell(config_files: Sequence[str], overrides: dict[str, Any], n_train: int) -> dict[str, Any]:
+    """One training run of the bundle's classification workflow; returns its best validation AUC and epochs."""
+    from ffcl_monai.workflows import runner
 
-    set_track_meta(True)  # a pretraining workflow in the same process may have switched it off
-    cfg_dir = _configs_dir()
-    t0 = time.perf_counter()
-    wf = ConfigWorkflow(
-        workflow_type="train",
-        config_file=[str(f) for f in config_files],
-        meta_file=str(cfg_dir / "metadata.json"),
-        logging_file=str(cfg_dir / "logging.conf"),
-        **{**overrides, "output_dir": str(out_dir)},
-    )
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-    wall = time.perf_counter() - t0
-    auc, best_epoch, epochs = _best_from_history(out_dir)
-    return {"val_auc": auc, "best_epoch": best_epoch, "epochs": epochs, "wall_s": wall}
-
-
-def collect_cells(out_dir: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """This call's rows plus every other finished cell (``<cell>/cell_result.json``) in ``out_dir``."""
-    seen = {(r["label_fraction"], r["init"], r["mode"]) for r in rows}
-    extra = []
-    for path in sorted(out_dir.glob("f*_*_*/cell_result.json")):
-        r = json.loads(path.read_text())
-        frac, init, mode = path.parent.name[1:].split("_")
-        r = {"n_train": "", **r, "label_fraction": float(frac), "init": init, "mode": mode}
-        if (r["label_fraction"], init, mode) not in seen:
-            extra.append(r)
-    order = {m: i for i, m in enumerate(INITS + MODES)}
-    return sorted(rows + extra, key=lambda r: (r["label_fraction"], order[r["mode"]], order[r["init"]]))
+    runner.run(config_files, overrides)
+    auc, best_epoch, epochs = _best_from_history(Path(overrides["output_dir"]))
+    return {"val_auc": auc, "best_epoch": best_epoch, "epochs": epochs, "n_train": n_train}
 
 
 def write_outputs(rows: list[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
@@ -191,44 +144,28 @@ def run_curve(
     probe_lr: float = 0.01,
     finetune_lr: float = 0.001,
     overrides: dict[str, Any] | None = None,
-    reuse_existing: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run every cell, write the table/plot, log a parent MLflow run with one child run per cell.
-
-    ``reuse_existing``: a cell whose folder holds ``cell_result.json`` from an earlier call is not trained again (its
-    child run stays under the earlier parent run); lets random-init cells run while pretraining is still going.
-    """
+    """Run every cell (skipping those finished by an earlier call), write the table/plot, and log a parent MLflow run
+    with one child run per cell. Returns one row per finished cell in ``output_dir``."""
     from ffcl_monai.data.datalist import load_datalist
-    from ffcl_monai.handlers.mlflow_tracking import experiment_id, tracking_uri
+    from ffcl_monai.workflows import runner
+    from ffcl_monai.workflows.experiment import Experiment
 
     bad = [m for m in modes if m not in MODES] + [i for i in inits if i not in INITS]
     if bad:
         raise ValueError(f"unknown mode/init {bad}; modes are {MODES}, inits are {INITS}.")
     out = Path(output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_dir = _configs_dir()
-    files = [cfg_dir / "common.yaml", cfg_dir / "train.yaml", *[cfg_dir / o if not os.path.isabs(o) else Path(o) for o in overlays]]
     base = {"datalist": str(Path(datalist).resolve()), **(overrides or {})}
+    files = runner.config_files(["train.yaml", *overlays], base["datalist"])
     ckpt = str(Path(pretrained_ckpt).resolve())
     if "pretrained" in inits:
         check_checkpoint(ckpt, files, base)  # fail before hours of training
-    uri = tracking_uri(out)
-    experiment = str(base.get("experiment_name", "ffcl_monai"))
     name = f"label_efficiency:{out.name}"
-
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    exp_id = experiment_id(client, experiment, uri)  # artifacts next to the store, never in <cwd>/mlruns
-    parent = client.create_run(exp_id, run_name=name, tags={"pretrained_ckpt": ckpt})
-    parent_id = parent.info.run_id
-    client.log_param(parent_id, "pretrained_ckpt", ckpt)
-    client.log_param(parent_id, "fractions", ",".join(map(str, fractions)))
     seed = int(base.get("seed", 0))
-    rows: list[dict[str, Any]] = []
     epochs = epochs or {}
-    status = "FAILED"
-    try:
+    with Experiment(out, "label_efficiency", experiment_name=str(base.get("experiment_name", "ffcl_monai")),
+                    run_name=name) as exp:
+        exp.log_params({"pretrained_ckpt": ckpt, "fractions": ",".join(map(str, fractions))})
         for frac in fractions:
             n_train = len(load_datalist(base["datalist"], "training", label_fraction=frac, seed=seed,
                                         num_classes=base.get("num_classes"), task=base.get("task", "binary")))
@@ -241,38 +178,32 @@ def run_curve(
                         "pretrained_ckpt": ckpt if init == "pretrained" else None,
                         "freeze_backbone": mode == "probe",
                         "learning_rate": probe_lr if mode == "probe" else finetune_lr,
-                        "tracking_uri": uri,
-                        "mlflow_parent_run_id": parent_id,
-                        "run_name": f"{cell}",
                         "log_model": base.get("log_model", False),  # a curve's cells are measurements, not models to serve
+                        **exp.step_overrides(cell),
                     }
                     if frac in epochs:
                         cell_over["max_epochs"] = epochs[frac]
-                    done = out / cell / "cell_result.json"
-                    if reuse_existing and done.is_file():
-                        res = json.loads(done.read_text())  # finished earlier (e.g. random cells run in advance)
-                        print(f"=== {cell}: reusing {done} ===", flush=True)
-                    else:
-                        print(f"=== {cell}: {n_train} labelled training images ===", flush=True)
-                        res = run_cell(files, cell_over, out / cell)
-                    row = {**res, "label_fraction": frac, "n_train": n_train, "init": init, "mode": mode}
-                    done.write_text(json.dumps(row))
-                    rows.append(row)
-                    print(f"=== {cell}: best val AUC {res['val_auc']:.4f} at epoch {res['best_epoch']}/{res['epochs']}, "
-                          f"{res['wall_s']:.0f} s ===", flush=True)
-                    client.log_metric(parent_id, f"val_auc_{cell}".replace(".", "p"), res["val_auc"])
-                    write_outputs(rows, out, name)  # partial results survive an interruption
-        status = "FINISHED"
-    finally:
-        if reuse_existing:  # the table covers every finished cell in output_dir, from this call or earlier ones
-            rows = collect_cells(out, rows)
-        for path in write_outputs(rows, out, name) if rows else []:
-            try:
-                client.log_artifact(parent_id, str(path))
-            except Exception as e:  # the files stay in output_dir
-                logger.warning("MLflow artifact upload failed: %s", e)
-        client.set_terminated(parent_id, status)
+                    if not exp.done(cell):
+                        logger.info("=== %s: %d labelled training images ===", cell, n_train)
+                    res = exp.step(cell, run_cell, files, cell_over, n_train)
+                    logger.info("=== %s: best val AUC %.4f at epoch %d/%d, %.0f s ===", cell, res["val_auc"],
+                                res["best_epoch"], res["epochs"], exp.state["seconds"].get(cell, float("nan")))
+                    exp.metrics[f"val_auc_{cell}".replace(".", "p")] = res["val_auc"]
+                    write_outputs(_rows(exp), out, name)  # partial results survive an interruption
+        rows = _rows(exp)
+        exp.add_artifacts(write_outputs(rows, out, name) if rows else [])
     return rows
+
+
+def _rows(exp: Any) -> list[dict[str, Any]]:
+    """One row per finished cell of the experiment (this call's and earlier calls'), in table order."""
+    rows = []
+    for cell, res in exp.state["done"].items():
+        frac, init, mode = cell[1:].split("_")
+        rows.append({**res, "label_fraction": float(frac), "init": init, "mode": mode,
+                     "wall_s": exp.state["seconds"].get(cell, float("nan"))})
+    order = {m: i for i, m in enumerate(INITS + MODES)}
+    return sorted(rows, key=lambda r: (r["label_fraction"], order[r["mode"]], order[r["init"]]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -288,14 +219,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--epochs", default="", help="epochs per fraction, e.g. 0.01:40,0.1:20,1.0:10 (else max_epochs)")
     parser.add_argument("--probe_lr", type=float, default=0.01)
     parser.add_argument("--finetune_lr", type=float, default=0.001)
-    parser.add_argument("--reuse_existing", action="store_true", help="keep cells already finished in output_dir")
     args, rest = parser.parse_known_args(argv)
+    from ffcl_monai.workflows import runner
+
     overrides: dict[str, Any] = {}
     i = 0
     while i < len(rest):  # any other --key value pair is a bundle override, as with `python -m monai.bundle run`
         if not rest[i].startswith("--") or i + 1 >= len(rest):
             parser.error(f"unexpected argument {rest[i]!r}; bundle overrides are --key value pairs")
-        overrides[rest[i][2:]] = _parse_value(rest[i + 1])
+        overrides[rest[i][2:]] = runner.parse_override(rest[i + 1])
         i += 2
     fractions = [float(x) for x in args.fractions.split(",") if x.strip()]
     default_epochs = int(overrides.get("max_epochs", 20))
@@ -303,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.pretrained_ckpt, args.datalist, args.output_dir, fractions,
         [m for m in args.modes.split(",") if m], [x for x in args.inits.split(",") if x],
         [o for o in args.overlays.split(",") if o], parse_epochs(args.epochs, fractions, default_epochs),
-        args.probe_lr, args.finetune_lr, overrides, args.reuse_existing,
+        args.probe_lr, args.finetune_lr, overrides,
     )
     print(Path(args.output_dir, "label_efficiency.md").read_text())
     return 0 if rows and all(math.isfinite(r["val_auc"]) for r in rows) else 1

@@ -262,7 +262,7 @@ def embed_levels(
         if isinstance(body, nn.Sequential):
             return [("", body[:-1](x.flatten(1).float()))]
         raise TypeError(f"`features: ff` needs an FFNet or the MLP baseline, got {type(net).__name__}.")
-    from ffcl_monai.engines.ffcl import as_backbone
+    from ffcl_monai.networks.backbones import as_backbone
 
     backbone = as_backbone(net)
     if features == "blocks":

@@ -57,10 +57,10 @@ class MLflowModelLogger:
         self._run: tuple[Any, str] | None = None  # (client, run id) seen at the last epoch end
         if spec is None:
             try:
-                from ffcl_monai.engines.classification import _find_parser
+                from ffcl_monai.workflows.records import running_parser
                 from ffcl_monai.serving.mlflow_pyfunc import model_spec_from_config
 
-                parser = _find_parser()
+                parser = running_parser()
                 if parser is None:
                     raise RuntimeError("no bundle config is being parsed; pass `spec`")
                 self.spec = model_spec_from_config(parser, transforms_id, network_id)

@@ -85,9 +85,8 @@ def tracking_uri(output_dir: str | os.PathLike) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    path = Path(output_dir).resolve() / "mlruns.db"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
+    # Only a name: the folder is created by the run's claim on it (workflows.ownership), before the store itself.
+    return f"sqlite:///{Path(output_dir).resolve() / 'mlruns.db'}"
 
 
 def check_tracking(uri: str, timeout_s: float = 10.0) -> str:
@@ -98,8 +97,16 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> str:
     Credentials in the URI (``user:password@``, ``?token=``) never appear in its messages (:func:`redact_uri`); they
     are accepted with a warning that recommends MLflow's ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` /
     ``MLFLOW_TRACKING_TOKEN`` variables, and MLflow's own "View run at <URI>" lines are switched off for such a URI.
+
+    Under torchrun only rank 0 checks (and so creates a SQLite store): concurrent creation of one store races in its
+    schema migration; the other ranks wait at the config's ``ranks_ready`` barrier.
     """
     import mlflow
+
+    from ffcl_monai.data.distributed import is_rank0
+
+    if not is_rank0():
+        return uri
 
     shown = redact_uri(uri)
     if uri.startswith("file:") or "://" not in uri:

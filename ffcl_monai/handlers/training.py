@@ -1,10 +1,10 @@
-"""Handlers that make long runs trustworthy: deterministic epochs, resume, NaN guard, best-model saving (never on a
-NaN metric) and a local history that survives a tracking-server outage.
+"""Handlers that make long runs trustworthy: deterministic epochs, resume, NaN guard, a best model that is never
+chosen on a NaN metric, and early stopping. The checkpoint savers are in :mod:`ffcl_monai.handlers.checkpoint`, the
+local history that survives a tracking-server outage in :mod:`ffcl_monai.handlers.history`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -18,7 +18,6 @@ from ignite.engine import Engine, Events
 from monai.data.utils import set_rnd
 from monai.utils import set_determinism
 
-from ffcl_monai.handlers.plots import plot_curves
 from ffcl_monai.networks.checkpoints import atomic_save, previous_generation, safe_load
 
 logger = logging.getLogger(__name__)
@@ -237,7 +236,7 @@ class FiniteBestMetric:
     (a resume checkpoint written before this fix) counts as no best.
 
     Attach it to the validator first in ``val_handlers`` (MONAI's own comparison runs before any handler), before
-    :class:`BestModelSaver`, ``StatsHandler`` and early stopping read the best. It runs on every rank (not in
+    :class:`~ffcl_monai.handlers.checkpoint.BestModelSaver`, ``StatsHandler`` and early stopping read the best. It runs on every rank (not in
     ``RANK0_ONLY_HANDLERS``), so multi-GPU ranks keep agreeing on the best epoch.
     """
 
@@ -307,77 +306,6 @@ class RequireBestModel:
         raise NoBestModelError(f"training finished without a best model, none was saved to {self.path}: {cause}{stale}")
 
 
-class BestModelSaver:
-    """Save ``{"model": state_dict}`` whenever the validator's key metric reaches a new, finite best.
-
-    MONAI's evaluator already tracks ``best_metric``/``best_metric_epoch``; saving off that state (rather than a
-    second score bookkeeping) keeps the choice consistent across resumes. A non-finite best is never saved (see
-    :class:`FiniteBestMetric`, which also keeps it from blocking later epochs).
-    """
-
-    def __init__(self, path: str | os.PathLike, network: torch.nn.Module) -> None:
-        self.path = Path(path)
-        self.network = network
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        if engine.state.best_metric_epoch == engine.state.epoch and _is_finite(engine.state.best_metric):
-            net = getattr(self.network, "module", self.network)
-            atomic_save({"model": net.state_dict()}, self.path)
-            logger.info("new best %s=%.4f at epoch %d -> %s", engine.state.key_metric_name,
-                        engine.state.best_metric, engine.state.epoch, self.path)
-
-
-class HistoryWriter:
-    """Per-epoch local record (``history.jsonl`` + ``training_curves.png``) of train loss, LR and validation metrics.
-
-    Also puts ``train_loss_epoch`` into the trainer's ``state.metrics`` so MLflow logs an epoch-level curve.
-    Attach it after the ValidationHandler and before the MLflow handler.
-    """
-
-    def __init__(self, output_dir: str | os.PathLike, validator: Engine | None = None, optimizer: Any = None) -> None:
-        self.dir = Path(output_dir)
-        self.validator = validator
-        self.optimizer = optimizer
-        self._losses: list[float] = []
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
-        engine.add_event_handler(Events.COMPLETED, self._plot)
-
-    def _collect(self, engine: Engine) -> None:
-        out = engine.state.output
-        loss = out[0]["loss"] if isinstance(out, list) else out["loss"] if isinstance(out, dict) else out
-        self._losses.append(float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss))
-        if self.optimizer is not None:
-            self._lr = self.optimizer.param_groups[0]["lr"]  # the rate used this epoch, before the scheduler steps
-
-    def _write(self, engine: Engine) -> None:
-        row: dict[str, Any] = {"epoch": engine.state.epoch}
-        if self._losses:
-            row["train_loss"] = sum(self._losses) / len(self._losses)
-            engine.state.metrics["train_loss_epoch"] = row["train_loss"]
-        self._losses = []
-        if self.optimizer is not None:
-            row["lr"] = getattr(self, "_lr", self.optimizer.param_groups[0]["lr"])
-        if self.validator is not None and self.validator.state.epoch == engine.state.epoch:
-            row.update({k: float(v) for k, v in self.validator.state.metrics.items() if isinstance(v, (int, float))})
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / "history.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def _plot(self, engine: Engine) -> None:
-        path = self.dir / "history.jsonl"
-        if not path.is_file():
-            return
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        val_keys = [k for k in ("val_auc", "val_accuracy", "val_f1") if any(k in r for r in rows)]
-        plot_curves(rows, ["train_loss", *val_keys], self.dir / "training_curves.png", title="training")
-
-
 class EarlyStopper:
     """Stop training when the validator's key metric has not improved for ``patience`` validations.
 
@@ -401,3 +329,21 @@ class EarlyStopper:
             logger.info("early stopping at epoch %d: no improvement since epoch %d", engine.state.epoch, best_epoch)
             print(f"early stopping at epoch {engine.state.epoch}: best validation at epoch {best_epoch}", flush=True)
             engine.terminate()
+
+
+class ProgressBar:
+    """Ignite's progress bar, attached only when ``enabled`` (the config key ``progress``: on in a terminal).
+
+    A switch instead of ``_disabled_``, so that the handler can be referenced by name from several handler lists
+    (``train.yaml``'s ``pretrain_handlers``) without leaving a ``None`` in them.
+    """
+
+    def __init__(self, enabled: bool = True, persist: bool = True) -> None:
+        self.enabled = enabled
+        self.persist = persist
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            from ignite.handlers import ProgressBar as IgniteProgressBar
+
+            IgniteProgressBar(persist=self.persist).attach(engine)

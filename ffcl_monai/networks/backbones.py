@@ -31,6 +31,8 @@ from monai.networks.nets import DenseNet121, ResNet
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck, get_inplanes
 from torch import nn
 
+from ffcl_monai.data.distributed import unwrap_module
+
 RESNET_LAYOUTS: dict[str, tuple[type[nn.Module], list[int]]] = {
     "resnet10": (ResNetBlock, [1, 1, 1, 1]),
     "resnet18": (ResNetBlock, [2, 2, 2, 2]),
@@ -182,3 +184,22 @@ def build_backbone(
     if name == "densenet121":
         return _densenet_backbone(spatial_dims, in_channels)
     raise ValueError(f"unknown backbone {name!r}; set the `backbone` config key to one of {BACKBONES}.")
+
+
+def as_backbone(network: nn.Module) -> Backbone:
+    """The :class:`Backbone` inside ``network``: itself, its ``.backbone``, or either inside a DDP / DataParallel /
+    ``torch.compile`` wrapper.
+
+    Raises:
+        TypeError: for a network without a project backbone, naming how to build one.
+    """
+    net = unwrap_module(network)
+    if isinstance(net, Backbone):
+        return net
+    bb = getattr(net, "backbone", None)
+    if isinstance(bb, Backbone):
+        return bb
+    raise TypeError(
+        f"expected a ffcl_monai Backbone (with .blocks) or a model with .backbone, got {type(net).__name__}; "
+        "build the network with ffcl_monai.networks.backbones.build_backbone or Classifier."
+    )

@@ -2,7 +2,8 @@
 
 Every load goes through ``torch.load(..., weights_only=True)``: a checkpoint is data, never code. Backbone
 checkpoints carry the architecture name so that loading into a different backbone fails with a clear message
-instead of silently leaving layers random.
+instead of silently leaving layers random. Every save goes through :func:`atomic_save` (temporary file, fsync,
+rename). The handlers that save during training are in :mod:`ffcl_monai.handlers.checkpoint`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ffcl_monai.networks.backbones import Backbone
+from ffcl_monai.networks.backbones import Backbone, as_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -149,3 +150,37 @@ def load_backbone(target: nn.Module, path: str | os.PathLike, max_missing_fracti
     if missing or unexpected:
         logger.warning("backbone keys missing: %s; unexpected: %s", missing, unexpected)
     return {"missing": missing, "unexpected": unexpected}
+
+
+def load_model(network: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
+    """Load a ``{"model": state_dict}`` (or bare state dict) classifier checkpoint with ``weights_only=True``."""
+    ckpt = safe_load(path)
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
+    target = getattr(network, "module", network)
+    try:
+        target.load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"checkpoint {path} does not fit the configured network ({e}). Use the same `backbone`, `num_classes`, "
+            "`spatial_dims` and `in_channels` as in training."
+        ) from None
+    return network
+
+
+def init_backbone(network: nn.Module, init: str | None) -> nn.Module:
+    """Initialise a network's backbone in place from the ``init`` key and return the network.
+
+    ``init``: ``"random"``/empty (keep the fresh weights), ``"imagenet:<file>"`` (torchvision ResNet state dict,
+    see :mod:`ffcl_monai.networks.imagenet`) or the path of a project checkpoint (``save_backbone`` or a classifier
+    checkpoint).
+    """
+    if init is None or str(init).strip() in ("", "random", "none", "None"):
+        return network
+    init = str(init)
+    if init.startswith("imagenet:"):
+        from ffcl_monai.networks.imagenet import load_imagenet_resnet  # imagenet imports this module
+
+        load_imagenet_resnet(as_backbone(network), init[len("imagenet:") :])
+    else:
+        load_backbone(as_backbone(network), init)
+    return network

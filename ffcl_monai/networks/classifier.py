@@ -1,7 +1,8 @@
 """Classifier = backbone + linear head. This is the bundle's ``network_def``.
 
 The state dict has two parts, ``backbone.*`` and ``head.*``. Pretraining workflows save the backbone alone, which
-:func:`ffcl_monai.networks.checkpoints.load_backbone` loads into ``Classifier.backbone``.
+:func:`ffcl_monai.networks.checkpoints.load_backbone` loads into ``Classifier.backbone``. The train/evaluate/inference
+configs build the network with :func:`prepare_network` and optimise :func:`trainable_parameters`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from ffcl_monai.networks.backbones import Backbone, build_backbone
+from ffcl_monai.networks.checkpoints import load_backbone
 
 
 class Classifier(nn.Module):
@@ -52,3 +54,24 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.backbone(x)))
+
+
+def prepare_network(
+    network: nn.Module, device: torch.device | str, pretrained_ckpt: str | None = None, channels_last: bool = False
+) -> nn.Module:
+    """Load a pretrained backbone (``pretrained_ckpt``) if given, then move the network to ``device`` (in NHWC
+    memory format with ``channels_last``, for Tensor-Core convolutions)."""
+    if pretrained_ckpt:
+        load_backbone(network, pretrained_ckpt)  # logs the missing/unexpected keys
+    network = network.to(device)
+    if channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    return network
+
+
+def trainable_parameters(network: nn.Module) -> list[nn.Parameter]:
+    """Parameters with ``requires_grad`` (only the head for a linear probe)."""
+    params = [p for p in network.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the network has no trainable parameters; check `freeze_backbone`.")
+    return params

@@ -10,7 +10,8 @@ The label enters the input in one of two ways (config key ``embedding``):
 - ``concat``: a one-hot code (times ``label_scale``) is appended to the flattened image, for medical images whose
   corners are not empty.
 
-A neutral label (``1/m`` for every class) gives the label-free input for the linear read-out.
+A neutral label (``1/m`` for every class) gives the label-free input for the linear read-out (:class:`LinearReadout`).
+The backprop baseline of the same widths is :class:`MLP`; :func:`build_network` builds either for the ``ff`` workflow.
 
 Fast all-label evaluation. The first layer sees ``[x_rest, s * c]`` where ``x_rest`` is the image part (the image
 without the first ``m`` pixels for ``overlay``, the whole image for ``concat``), ``c`` the label code and ``s`` its
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 from ffcl_monai.losses.forward_forward import goodness as _goodness
 
-__all__ = ["FFDense", "FFNet"]
+__all__ = ["FFDense", "FFNet", "LinearReadout", "MLP", "build_network"]
 
 _NORMS = ("l2", "rms")
 _EMBEDDINGS = ("overlay", "concat")
@@ -263,3 +264,62 @@ class FFNet(nn.Module):
         if skip_first and len(acts) > 1:
             acts = acts[1:]
         return torch.cat([a[:, 0] for a in acts], dim=-1)
+
+
+class LinearReadout(nn.Module):
+    """Softmax read-out on the neutral-label activations of a frozen :class:`FFNet` (Hinton 2022 s.3.3)."""
+
+    def __init__(self, net: FFNet, skip_first: bool = False) -> None:
+        super().__init__()
+        widths = [layer.linear.out_features for layer in net.layers]
+        if skip_first and len(widths) > 1:
+            widths = widths[1:]
+        self.net = net
+        self.skip_first = skip_first
+        self.head = nn.Linear(sum(widths), net.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, m)``; the FF net is not trained through this path."""
+        with torch.no_grad():
+            f = self.net.features(x.flatten(1).float(), self.skip_first)
+        return self.head(f)
+
+
+class MLP(nn.Module):
+    """Backprop baseline of the same widths: ``D - hidden... - m`` with ReLU (flattened input)."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (500, 500)) -> None:
+        super().__init__()
+        widths = [in_features, *hidden]
+        mods: list[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            mods += [nn.Linear(a, b), nn.ReLU()]
+        mods.append(nn.Linear(widths[-1], num_classes))
+        self.body = nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, m)``."""
+        return self.body(x.flatten(1).float())
+
+
+def build_network(
+    method: str,
+    in_features: int,
+    num_classes: int,
+    hidden: Sequence[int] = (500, 500),
+    embedding: str = "overlay",
+    label_scale: float = 1.0,
+    norm: str = "rms",
+    goodness: str = "sum",
+    skip_first: bool = False,
+    task: str = "multiclass",
+) -> nn.Module:
+    """The ``ff`` workflow's network: an :class:`FFNet` (``method: ff``) or the backprop :class:`MLP` baseline of
+    the same widths (``method: backprop``)."""
+    if task == "multilabel":
+        raise ValueError("the ff workflow supports single-label tasks (binary, multiclass); `task` is multilabel.")
+    if method == "ff":
+        return FFNet(in_features, num_classes, hidden, embedding, label_scale, norm, goodness, skip_first=skip_first)
+    if method == "backprop":
+        return MLP(in_features, num_classes, hidden)
+    raise ValueError(f"unknown `method` {method!r}; use ff or backprop.")

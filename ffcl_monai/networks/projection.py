@@ -1,18 +1,22 @@
-"""Projection heads and the backbone + head model used by the two-view pretraining methods.
+"""Projection heads and the backbone + head models of the pretraining methods; each is dropped after pretraining
+(only ``backbone.*`` is saved for fine-tuning).
 
 SimCLR (Chen et al. 2020, Sec. 2.1 and Fig. 8) trains the contrastive loss on z = g(h), a small MLP on the pooled
 backbone features h, and then throws g away: h transfers better than z. Barlow Twins (Zbontar et al. 2021, Sec. 2)
 uses a deeper and wider "projector" with BatchNorm. :class:`ProjectionHead` covers both through its keys.
+:class:`MultiHeadModel` carries the auxiliary-target heads (seed 004), :class:`GlobalContrastModel` the optional head
+of FFCL's global stage (seed 000).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from ffcl_monai.networks.backbones import Backbone, build_backbone
+from ffcl_monai.networks.backbones import Backbone, as_backbone, build_backbone
 
 
 class ProjectionHead(nn.Module):
@@ -113,3 +117,39 @@ class MultiHeadModel(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.dropout(self.backbone(x))
         return {k: head(h) for k, head in self.heads.items()}
+
+
+def head_outputs(heads: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
+    """``{field: number of outputs}`` for :class:`MultiHeadModel` from the config's ``aux_heads``."""
+    from ffcl_monai.losses.auxiliary import parse_heads  # the head specs are the loss's; networks do not import losses
+
+    return {k: spec.num_outputs for k, spec in parse_heads(heads).items()}
+
+
+class GlobalContrastModel(nn.Module):
+    """Backbone + optional projection head; ``forward`` returns the final embedding FFCL's global stage trains
+    Eq. 1 on (seed 000, Methods).
+
+    Args:
+        backbone: the backbone, or a model with ``.backbone`` (its pooled output is the embedding).
+        projection: ``"none"`` (the pooled features themselves), ``"linear"``, or ``"mlp"`` (Linear-ReLU-Linear).
+        proj_dim: output size of the head.
+    """
+
+    def __init__(self, backbone: nn.Module, projection: str = "none", proj_dim: int = 128) -> None:
+        super().__init__()
+        self.backbone = as_backbone(backbone)
+        d = self.backbone.feature_dim
+        if projection == "none":
+            self.head: nn.Module = nn.Identity()
+        elif projection == "linear":
+            self.head = nn.Linear(d, proj_dim)
+        elif projection == "mlp":
+            self.head = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, proj_dim))
+        else:
+            raise ValueError(
+                f"projection must be none, linear or mlp, got {projection!r}; set the `projection` config key."
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))

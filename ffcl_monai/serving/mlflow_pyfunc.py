@@ -4,7 +4,7 @@ The model holds two artifacts, the best checkpoint (``models/model.pt``, loaded 
 ``preprocessing.json``, and is logged "from code" (:mod:`ffcl_monai.serving.pyfunc_entry`), so nothing in it is
 unpickled. ``preprocessing.json`` is plain data written from the training's own config: the classes, the network
 (``network_def``: the project's :class:`~ffcl_monai.networks.classifier.Classifier` and its arguments) and the
-inference workflow's deterministic preprocessing (``deterministic_transforms`` of ``common.yaml``, every ``@`` and
+inference workflow's deterministic preprocessing (``deterministic_transforms`` of ``inference.yaml``, every ``@`` and
 ``$`` already evaluated). The file-loading transform that list starts with is replaced by in-memory decoding that
 gives the same array; every transform after it is rebuilt from the JSON and applied as is.
 
@@ -132,7 +132,7 @@ def _component(item: Mapping[str, Any], base: str, get: Any) -> dict[str, Any] |
     """One config component (dict with ``_target_``) with every argument evaluated; None when ``_disabled_``."""
     if not isinstance(item, Mapping) or "_target_" not in item:
         raise TypeError(f"`{base}` is not a `_target_` component; the MLflow model can only rebuild explicit "
-                        "component lists (as in common.yaml).")
+                        "component lists (as in inference.yaml).")
     if "_disabled_" in item and get(f"{base}#_disabled_"):
         return None
     out = {"_target_": _qualified(str(item["_target_"]))}
@@ -348,7 +348,7 @@ class ImageClassifierModel(PythonModel):
     """MLflow pyfunc: ``image`` / ``image_bytes`` rows -> one probability column per class (see the module doc)."""
 
     def load_context(self, context: Any) -> None:
-        from ffcl_monai.engines.classification import load_model
+        from ffcl_monai.networks.checkpoints import load_model
 
         self.spec = json.loads(Path(context.artifacts["preprocessing"]).read_text())
         if self.spec.get("format") != SPEC_FORMAT:

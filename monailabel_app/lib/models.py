@@ -9,7 +9,8 @@ A served model is the repo's bundle (configs + metadata) plus a checkpoint plus 
     --conf volume3d_model_path ...     # per-model checkpoint; also <name>_bundle_path, <name>_overlays
     --conf model_dir /path             # where MONAI Label training writes (default: <app>/model)
 
-Workflow configs follow the bundle convention ``common.yaml`` + workflow file (+ overlay), see docs/conventions.md.
+Workflow configs follow the model-zoo convention: ``train.yaml`` and ``inference.yaml`` each stand alone, followed
+by the model's overlays (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -54,13 +55,9 @@ class ModelSpec:
     description: str
 
     def config_files(self, workflow: str) -> list[Path]:
-        """``common.yaml`` (if present) + ``<workflow>.yaml|json`` + overlays, in merge order (later wins)."""
+        """``<workflow>.yaml|json`` (standalone, model-zoo style) + overlays, in merge order (later wins)."""
         cfg = self.bundle_path / "configs"
         files: list[Path] = []
-        for common in ("common.yaml", "common.json"):
-            if (cfg / common).exists():
-                files.append(cfg / common)
-                break
         main = next((cfg / f"{workflow}{ext}" for ext in (".yaml", ".json") if (cfg / f"{workflow}{ext}").exists()), None)
         if main is None:
             raise FileNotFoundError(f"model {self.name!r}: no {workflow}.yaml or {workflow}.json in {cfg}")

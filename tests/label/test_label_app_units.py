@@ -43,7 +43,7 @@ def test_parse_models_defaults_and_overrides(lib, tmp_path: Path) -> None:
     assert (vol.dimension, vol.overlays) == (3, ("3d.yaml",))
     assert vol.checkpoint == CONFIGS.parent / "models" / "model_3d.pt"  # model_path is the first model's only
     assert xray.trained_checkpoint == tmp_path.resolve() / "xray" / "models" / "model.pt"
-    assert [p.name for p in vol.config_files("inference")] == ["common.yaml", "inference.yaml", "3d.yaml"]
+    assert [p.name for p in vol.config_files("inference")] == ["inference.yaml", "3d.yaml"]
     custom = lib.models.parse_models({"models": "oct", "oct_overlays": ""})[0]
     assert (custom.dimension, custom.overlays) == (2, ())
 
@@ -98,14 +98,14 @@ def test_read_class_label_errors(lib, tmp_path: Path, content: str, info) -> Non
 def test_overlay_merge_matches_monai_and_skips_other_workflow_sections(lib, tmp_path: Path) -> None:
     from monai.bundle import ConfigParser
 
-    files = [CONFIGS / "common.yaml", CONFIGS / "train.yaml", CONFIGS / "3d.yaml"]
+    files = [CONFIGS / "train.yaml", CONFIGS / "3d.yaml"]
     merged = lib.configs.merge_config_files(files)
     assert merged == ConfigParser.load_config_files([str(f) for f in files]), "must merge exactly as MONAI does"
     assert merged["spatial_dims"] == 3
     # an overlay key for another workflow's section: MONAI raises KeyError, the app skips it
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text("spatial_dims: 3\ntrain#augmentations: []\n+deterministic_transforms: []\n")
-    infer = lib.configs.merge_config_files([CONFIGS / "common.yaml", CONFIGS / "inference.yaml", overlay])
+    infer = lib.configs.merge_config_files([CONFIGS / "inference.yaml", overlay])
     assert infer["spatial_dims"] == 3 and "train" not in infer
 
 

@@ -8,7 +8,7 @@ What it does, in order:
 3. ``monailabel_app/start_server.sh`` on a free loopback port, with the HTTP(S) proxy pointed at a closed port so
    that any model-zoo look-up or download would fail (the server must start offline);
 4. while it starts, the reference: the bundle's own inference workflow (``python -m monai.bundle run`` with
-   ``common.yaml`` + ``inference.yaml`` [+ 3D overlay]) on the same images and checkpoints;
+   ``inference.yaml`` [+ 3D overlay]) on the same images and checkpoints;
 5. ``/info/`` lists both models, ``POST /infer/<model>?image=<id>`` returns probabilities equal to the reference
    within 1e-4 that sum to 1 (softmax);
 6. labels saved through ``PUT /datastore/label``, one short training through ``POST /train/xray``, and a new
@@ -102,7 +102,7 @@ def inference_overlay(overlay: Path, out_dir: Path) -> Path:
     import yaml
 
     sections = set()
-    for name in ("common.yaml", "inference.yaml"):
+    for name in ("inference.yaml"):
         sections |= set((yaml.safe_load((CONFIGS / name).read_text()) or {}).keys())
     content = yaml.safe_load(overlay.read_text()) or {}
     kept = {k: v for k, v in content.items() if k.lstrip("+").replace("::", "#").split("#")[0] in sections
@@ -122,7 +122,7 @@ def make_checkpoint(path: Path, overlays: list[Path], seed: int) -> None:
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "common.yaml"), str(CONFIGS / "train.yaml"), *map(str, overlays)])
+    parser.read_config([str(CONFIGS / "train.yaml"), *map(str, overlays)])
     torch.manual_seed(seed)
     net = parser.get_parsed_content("network_def")
     state = net.state_dict()
@@ -134,7 +134,7 @@ def make_checkpoint(path: Path, overlays: list[Path], seed: int) -> None:
 
 def bundle_inference(images: list[Path], checkpoint: Path, out_dir: Path, overlays: list[Path]) -> dict[str, list[float]]:
     """Class probabilities per image from the bundle's own inference workflow (``python -m monai.bundle run``)."""
-    configs = [str(CONFIGS / "common.yaml"), str(CONFIGS / "inference.yaml"), *map(str, overlays)]
+    configs = [str(CONFIGS / "inference.yaml"), *map(str, overlays)]
     cmd = [
         sys.executable, "-m", "monai.bundle", "run",
         "--config_file", json.dumps(configs),

@@ -42,7 +42,7 @@ BIG_REPLY = [64, 53]  # longest axis pooled to 64, aspect kept: round(80 * 64 / 
 
 def bundle_saliency(images: list[Path], checkpoint: Path, out_dir: Path, overlays: list[Path]) -> dict[str, dict]:
     """Scores and maps from the bundle's inference workflow with ``--save_saliency true``, by file name."""
-    configs = [str(CONFIGS / "common.yaml"), str(CONFIGS / "inference.yaml"), *map(str, overlays)]
+    configs = [str(CONFIGS / "inference.yaml"), *map(str, overlays)]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs),
            "--meta_file", str(CONFIGS / "metadata.json"), "--images", json.dumps([str(p) for p in images]),
            "--checkpoint", str(checkpoint), "--output_dir", str(out_dir), "--save_saliency", "true"]

@@ -1,7 +1,7 @@
 """MONAI Label infer task for the ffcl-monai classifier bundle.
 
 It runs the bundle's own inference pipeline (``preprocessing`` -> ``inferer`` -> ``postprocessing`` of
-``common.yaml`` + ``inference.yaml`` + modality overlay, network from ``network_def``) and answers with MONAI Label's
+``inference.yaml`` (standalone) + modality overlay, network from ``network_def``) and answers with MONAI Label's
 classification JSON::
 
     {"prediction": [{"idx": 0, "label": "NORMAL", "score": 0.93}, ...], "label_names": {...}, "latencies": {...}}
@@ -134,7 +134,7 @@ class ClassifierInferTask(BundleInferTask):
             self._get_network("cpu", None)
 
     def _load_bundle_config(self, path: str, config: Any) -> ConfigParser:
-        """Merge the workflow's config files (``common.yaml`` + ``inference.yaml`` + overlay) and the metadata."""
+        """Merge the workflow's config files (``inference.yaml`` + overlay) and the metadata."""
         files = list(config) if isinstance(config, (list, tuple)) else [config]
         return load_workflow_config(files, self.spec.metadata_file, path)
 

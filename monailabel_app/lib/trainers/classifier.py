@@ -7,7 +7,7 @@ Classification labels are one class per image, not masks. Save one with the REST
 
 The value is a class name from metadata.json ``channel_def`` (case-insensitive) or its integer index. It may also be
 given in the label's ``params`` (``-F 'params={"label": "PNEUMONIA"}'``) with any label file. The train task maps it to
-the integer the bundle's train workflow expects and runs that workflow (``common.yaml`` + ``train.yaml`` + overlay)
+the integer the bundle's train workflow expects and runs that workflow (``train.yaml`` + overlay)
 through MONAI Label's ``BundleTrainTask`` machinery, with these overrides:
 
 - ``datalist``: a decathlon datalist JSON (docs/conventions.md format: header + ``training``/``validation`` with
@@ -18,6 +18,12 @@ through MONAI Label's ``BundleTrainTask`` machinery, with these overrides:
 - ``output_dir``: ``<model_dir>/<model name>`` so the best model lands in ``<output_dir>/models/model.pt``, which the
   infer task then serves (newest existing checkpoint wins),
 - ``train#handlers``: a ``CheckpointLoader`` of the currently served checkpoint is prepended when ``pretrained``.
+- ``resume: false``, ``overwrite: true``: MONAI Label retrains into one folder on purpose, so every training says so
+  explicitly (``ffcl_monai.workflows.ownership``: a run into a folder that holds an earlier run's results is refused
+  without one of them). The task claims the folder itself before the bundle runs: the earlier training's results move
+  to ``<output_dir>/.overwritten/<timestamp>/`` (nothing is deleted) and, when that training's model is the one being
+  served, fine-tuning starts from its moved copy. The bundle's own claim in the same process is then a re-entrant
+  one with nothing left to move. Another process training into the same folder at the same time is refused.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from monai.bundle import ConfigParser
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.tasks.train.bundle import BundleConstants, BundleTrainTask
 
+from ffcl_monai.workflows.ownership import claim_output_dir, current_claim
+
 from lib.configs import load_workflow_config
 from lib.models import ModelSpec, class_names
 from lib.train_request import validate_assembled_request
@@ -41,6 +49,8 @@ from lib.train_request import validate_assembled_request
 logger = logging.getLogger(__name__)
 
 LABEL_KEYS = ("label", "class", "class_name")
+# `_desc_` of the CheckpointLoader this task adds (MONAI ignores `_desc_` when it builds the handler)
+_SERVED_LOADER = "ffcl-monai: the checkpoint served when this MONAI Label training began"
 
 
 def _to_index(value: Any, names: Mapping[int, str], where: str) -> int:
@@ -186,18 +196,60 @@ class ClassifierTrainTask(BundleTrainTask):
         os.replace(tmp, path)
         return path
 
-    def _load_checkpoint(self, model_pytorch: Any, pretrained: Any, train_handlers: List[Dict[str, Any]]) -> None:
-        """Start from the checkpoint the infer task serves (not ``<bundle>/models/<model_filename>``)."""
-        latest = self.spec.latest_checkpoint()
-        if not pretrained or latest is None:
+    def _start_over(self) -> Optional[Path]:
+        """Claim the training folder with ``overwrite=True`` (earlier results moved aside); return the checkpoint
+        served until now, at its new place when it was the earlier training's model (None: nothing served yet)."""
+        served = self.spec.latest_checkpoint()
+        claim_output_dir(self.spec.train_dir, resume=False, overwrite=True, kind=f"monailabel-train:{self.spec.name}")
+        claim = current_claim(self.spec.train_dir)
+        moved_to = claim.moved_to if claim is not None else None
+        if moved_to is not None and served == self.spec.trained_checkpoint:
+            served = moved_to / self.spec.trained_checkpoint.relative_to(self.spec.train_dir)
+        logger.info(
+            f"MONAI Label retrains {self.spec.name} into one folder, {self.spec.train_dir}: passing resume=False, "
+            f"overwrite=True; earlier results "
+            + (f"moved to {moved_to}" if moved_to is not None else "none")
+        )
+        return served
+
+    def _load_checkpoint(self, model_pytorch: Any, pretrained: Any, train_handlers: List[Any]) -> None:
+        """Start from the checkpoint the infer task served when this training began (not
+        ``<bundle>/models/<model_filename>``): the path :meth:`_start_over` returned, which may lie under
+        ``.overwritten/``.
+
+        The loader is added here rather than by the stock method: that one keeps a loader an earlier training of this
+        (long-lived) task left in the shared handler list, which would now point at an older model, and it cannot read
+        a handler list of ``'@name'`` references.
+        """
+        train_handlers[:] = [
+            h for h in train_handlers if not (isinstance(h, dict) and h.get("_desc_") == _SERVED_LOADER)
+        ]
+        latest = getattr(self, "_served", None)
+        if not pretrained or latest is None or not Path(latest).is_file():
             logger.info(f"training {self.spec.name} from the bundle's initialisation (pretrained={pretrained})")
             return
-        super()._load_checkpoint(str(latest), True, train_handlers)
+        if any(isinstance(h, dict) and h.get("_target_") == "CheckpointLoader" for h in train_handlers):
+            logger.info(f"the bundle's train#handlers load a checkpoint themselves; {latest} is not loaded")
+            return
+        logger.info(f"fine-tuning {self.spec.name} from {latest}")
+        train_handlers.insert(
+            0,
+            {
+                "_target_": "CheckpointLoader",
+                "_desc_": _SERVED_LOADER,
+                "load_path": str(latest),
+                "load_dict": {self.model_dict_key: f"$@{self.const.key_network()}"},
+                "strict": self.load_strict,
+            },
+        )
 
     def _update_overrides(self, overrides: Dict[str, Any]) -> Dict[str, Any]:
         self.spec.train_dir.mkdir(parents=True, exist_ok=True)
         overrides["output_dir"] = str(self.spec.train_dir)
         max_epochs = overrides[self.const.key_train_trainer_max_epochs()]
+        # explicit, see the module docstring: _start_over already moved the earlier results aside under the claim
+        overrides["resume"] = False
+        overrides["overwrite"] = True
         if "max_epochs" in self.bundle_config.config:  # type: ignore[operator]
             overrides["max_epochs"] = max_epochs  # also drives e.g. the LR schedule length
         dataset = self.bundle_config.get("train#dataset")
@@ -213,10 +265,11 @@ class ClassifierTrainTask(BundleTrainTask):
         # Only typed, allow-listed keys go on (the server guard checked the body before queueing; this covers every
         # other route into the task). Nothing from the request can reach $-evaluation in the bundle config.
         request = validate_assembled_request(request, [self.spec.name])
-        # multi-GPU would need configs/multi_gpu_train.*, which the bundle does not ship
+        # one process: a torchrun job would have to release the claim on the training folder that this task holds
         request["multi_gpu"] = False
         if "max_epochs" not in request:
             request["max_epochs"] = int(self.conf.get("max_epochs", 10))
+        self._served = self._start_over()
         before = self._mtime(self.spec.trained_checkpoint)
         super().__call__(request, datastore)
         after = self._mtime(self.spec.trained_checkpoint)
