@@ -70,29 +70,14 @@ class AuxiliaryTrainer(BaseTrainer):
         optimizer: Optimizer,
         loss_function: MaskedMultiHeadLoss,
         image_key: str = "image",
-        amp: bool = False,
-        train_handlers: Sequence | None = None,
-        epoch_length: int | None = None,
-        amp_dtype: str | torch.dtype = "bfloat16",
         prepare_batch: Callable | None = None,
-        non_blocking: bool = False,
         **kwargs: Any,
     ) -> None:
         self.image_key = image_key
         heads = list(loss_function.heads)
         super().__init__(
-            device=device,
-            max_epochs=max_epochs,
-            train_data_loader=train_data_loader,
-            network=network,
-            optimizer=optimizer,
-            loss_function=loss_function,
-            epoch_length=epoch_length,
-            non_blocking=non_blocking,
+            device, max_epochs, train_data_loader, network, optimizer, loss_function,
             prepare_batch=prepare_batch if prepare_batch is not None else PrepareTargetsBatch(image_key, heads),
-            train_handlers=train_handlers,
-            amp=amp,
-            amp_dtype=amp_dtype,
             # per head, weighted by its known targets: the epoch mean is over samples, not over batches
             epoch_metrics={f"loss_{h}": f"aux_loss_{h}" for h in heads},
             epoch_metric_weights=lambda key: f"known_{key[len('loss_'):]}",

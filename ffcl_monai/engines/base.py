@@ -102,7 +102,7 @@ class BaseTrainer(PrecisionTrainerMixin, SupervisedTrainer):
         non_blocking: bool = False,
         prepare_batch: Callable = default_prepare_batch,
         train_handlers: Sequence | None = None,
-        amp: bool | None = False,
+        amp: bool | None = None,
         amp_dtype: str | torch.dtype = "bfloat16",
         epoch_metrics: Mapping[str, str] | Callable[[str], str | None] | None = None,
         epoch_metric_weights: Callable[[str], str | None] | None = None,

@@ -31,12 +31,11 @@ that are saved (:class:`~ffcl_monai.handlers.checkpoint.BackboneSaver`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from monai.engines.utils import default_prepare_batch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -96,17 +95,11 @@ class LocalContrastiveTrainer(BaseTrainer):
         optimizer: torch.optim.Optimizer,
         loss_function: Callable | None = None,
         schedule: str = "single_pass",
-        amp: bool | None = None,
-        amp_dtype: str | torch.dtype = "bfloat16",
         ddp_kwargs: dict[str, Any] | None = None,
-        train_handlers: Sequence | None = None,
-        epoch_length: int | None = None,
-        prepare_batch: Callable = default_prepare_batch,
-        non_blocking: bool = False,
         **kwargs: Any,
     ) -> None:
         if schedule not in SCHEDULES:
-            raise ValueError(f"local schedule must be one of {SCHEDULES}, got {schedule!r}; set `local#schedule`.")
+            raise ValueError(f"local schedule must be one of {SCHEDULES}, got {schedule!r}; set `local_schedule`.")
         backbone = as_backbone(network)
         n = len(backbone.blocks)
         if schedule == "greedy" and max_epochs < n:
@@ -134,18 +127,8 @@ class LocalContrastiveTrainer(BaseTrainer):
             runner = backbone
         self.runner = runner
         super().__init__(
-            device=device,
-            max_epochs=max_epochs,
-            train_data_loader=train_data_loader,
-            network=backbone,
-            optimizer=optimizer,
-            loss_function=loss_function if loss_function is not None else FFCLPairLoss(),
-            epoch_length=epoch_length,
-            prepare_batch=prepare_batch,
-            non_blocking=non_blocking,
-            train_handlers=train_handlers,
-            amp=amp,
-            amp_dtype=amp_dtype,
+            device, max_epochs, train_data_loader, backbone, optimizer,
+            loss_function if loss_function is not None else FFCLPairLoss(),
             epoch_metrics=lambda k: (
                 "local_loss" if k == "loss" else (f"local_{k}" if k.startswith("loss_") and k[5:] in names else None)
             ),
@@ -220,13 +203,7 @@ class GlobalContrastiveTrainer(BaseTrainer):
         network: nn.Module,
         optimizer: torch.optim.Optimizer,
         loss_function: Callable | None = None,
-        amp: bool | None = None,
-        amp_dtype: str | torch.dtype = "bfloat16",
         ddp_kwargs: dict[str, Any] | None = None,
-        train_handlers: Sequence | None = None,
-        epoch_length: int | None = None,
-        prepare_batch: Callable = default_prepare_batch,
-        non_blocking: bool = False,
         **kwargs: Any,
     ) -> None:
         model = network if isinstance(network, GlobalContrastModel) else GlobalContrastModel(network)
@@ -235,18 +212,8 @@ class GlobalContrastiveTrainer(BaseTrainer):
         device = torch.device(device)
         self.runner: nn.Module = _ddp(model, device, dict(ddp_kwargs or {})) if _dist_on() else model
         super().__init__(
-            device=device,
-            max_epochs=max_epochs,
-            train_data_loader=train_data_loader,
-            network=model,
-            optimizer=optimizer,
-            loss_function=loss_function if loss_function is not None else FFCLPairLoss(),
-            epoch_length=epoch_length,
-            prepare_batch=prepare_batch,
-            non_blocking=non_blocking,
-            train_handlers=train_handlers,
-            amp=amp,
-            amp_dtype=amp_dtype,
+            device, max_epochs, train_data_loader, model, optimizer,
+            loss_function if loss_function is not None else FFCLPairLoss(),
             epoch_metrics={"loss": "global_loss"},
             **kwargs,
         )

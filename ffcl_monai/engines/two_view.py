@@ -84,31 +84,14 @@ class TwoViewTrainer(BaseTrainer):
         loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         view_keys: Sequence[str] = ("view1", "view2"),
         concat_views: bool = True,
-        amp: bool = False,
-        train_handlers: Sequence | None = None,
-        epoch_length: int | None = None,
-        non_blocking: bool = False,
-        amp_dtype: str | torch.dtype = "bfloat16",
         prepare_batch: Callable | None = None,
         **kwargs: Any,
     ) -> None:
         self.view_keys = tuple(view_keys)
         self.concat_views = concat_views
-        super().__init__(
-            device=device,
-            max_epochs=max_epochs,
-            train_data_loader=train_data_loader,
-            network=network,
-            optimizer=optimizer,
-            loss_function=loss_function,
-            epoch_length=epoch_length,
-            non_blocking=non_blocking,
-            prepare_batch=prepare_batch if prepare_batch is not None else PrepareTwoViewBatch(self.view_keys),
-            train_handlers=train_handlers,
-            amp=amp,
-            amp_dtype=amp_dtype,
-            **kwargs,
-        )
+        prepare_batch = prepare_batch if prepare_batch is not None else PrepareTwoViewBatch(self.view_keys)
+        super().__init__(device, max_epochs, train_data_loader, network, optimizer, loss_function,
+                         prepare_batch=prepare_batch, **kwargs)
 
     def embed(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(h1, z1, z2) for a batch of view pairs."""
