@@ -51,8 +51,8 @@ def find_datalist(data_root: str | None, name: str) -> Path | None:
 
 
 def subset_datalist(src: Path, out_dir: Path, n_train: int, n_val: int = 4) -> Path:
-    """A copy of ``src`` (header kept) with the first ``n_train`` training / ``n_val`` validation entries, paths made
-    absolute so that the copy can live elsewhere."""
+    """A copy of ``src`` (header kept) with the first ``n_train`` training and ``n_val`` validation entries (classes
+    alternating), paths made absolute so that the copy can live elsewhere."""
     content = json.loads(src.read_text())
     base = src.parent
 
@@ -65,7 +65,13 @@ def subset_datalist(src: Path, out_dir: Path, n_train: int, n_val: int = 4) -> P
         return out
 
     content["training"] = fix(content.get("training", []), n_train)
-    content["validation"] = fix(content.get("validation", []) or content.get("training", [])[n_train:], n_val)
+    # the validation subset alternates classes: a single-class split has no AUC, and the workflow refuses it
+    pool = content.get("validation", []) or content.get("training", [])[n_train:]
+    by_class: dict[str, list[dict]] = {}
+    for it in pool:
+        by_class.setdefault(json.dumps(it.get("label")), []).append(it)
+    mixed = [it for group in zip(*by_class.values()) for it in group] if len(by_class) > 1 else pool
+    content["validation"] = fix(mixed, n_val)
     content["test"] = []
     if len(content["training"]) < n_train:
         raise ValueError(f"{src} has only {len(content['training'])} training images, the bench needs {n_train}.")
