@@ -71,3 +71,25 @@ def test_resume_falls_back_to_the_previous_generation_when_the_newest_is_damaged
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines() if line.strip()]
     assert history[-1]["epoch"] == 3
     assert torch.load(newest, weights_only=True)["trainer"]["epoch"] == 3  # epochs 2 and 3 were trained again
+
+
+def test_resume_under_another_lr_schedule_says_what_to_do(tmp_path):
+    """A checkpoint written under one schedule and loaded under another (the config changed between kill and resume)
+    stops with a message naming the checkpoint and the two ways out, not a bare KeyError."""
+    import pytest
+    import torch
+    from ignite.engine import Engine
+
+    from ffcl_monai.engines.optimizers import make_scheduler
+    from ffcl_monai.handlers.training import ResumeHandler
+
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    path = tmp_path / "checkpoints" / "resume.pt"
+    engine = Engine(lambda e, b: None)
+    writer = ResumeHandler(path, net, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, 5))
+    writer.save(engine)
+    writer.wait()
+    reader = ResumeHandler(path, net, opt, make_scheduler(opt, 5), resume=True)
+    with pytest.raises(RuntimeError, match="another learning-rate schedule.*config_resolved.json.*--overwrite True"):
+        reader.load(engine)

@@ -195,13 +195,14 @@ class HistoryWriter:
         engine.add_event_handler(Events.COMPLETED, self._plot)
 
     def _drop_stale_rows(self, engine: Engine) -> None:
-        """At the first epoch this writer sees (after ``ResumeHandler`` set the resumed epoch): keep only the rows of
-        earlier epochs. A run killed after writing epoch e's row but before saving epoch e's checkpoint trains epoch e
-        again when resumed; without this the file would hold it twice."""
+        """At the first epoch of a resumed run (``ResumeHandler`` set the epoch counter, so it starts after epoch 1):
+        keep only the rows of earlier epochs. A run killed after writing epoch e's row but before saving epoch e's
+        checkpoint trains epoch e again when resumed; without this the file would hold it twice. A run that starts at
+        epoch 1 appends to whatever the file holds."""
         if self._checked:
             return
         self._checked = True
-        if not is_rank0() or not self.path.is_file():
+        if engine.state.epoch <= 1 or not is_rank0() or not self.path.is_file():
             return
         lines = [line for line in self.path.read_text().splitlines() if line.strip()]
         rows = read_rows(self.path)

@@ -161,7 +161,15 @@ class ResumeHandler:
         self._net().load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.lr_scheduler is not None and "lr_scheduler" in ckpt:
-            self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+            try:
+                self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+            except (KeyError, TypeError, ValueError) as e:
+                # e.g. a run started under CosineAnnealingLR resumed under a config that builds a LambdaLR
+                raise RuntimeError(
+                    f"the resume checkpoint {self.path} holds the state of another learning-rate schedule "
+                    f"({type(self.lr_scheduler).__name__} cannot load it: {type(e).__name__}: {e}). Resume with the "
+                    "config the run started with (its config_resolved.json), or start over with --overwrite True."
+                ) from e
         scaler = _scaler(engine)
         if scaler is not None and ckpt.get("scaler"):  # absent when the interrupted run was not fp16
             scaler.load_state_dict(ckpt["scaler"])
