@@ -185,3 +185,14 @@ def test_one_owner_per_folder_a_finished_run_is_never_silently_replaced(tiny2d, 
     assert len(moved) == 1 and moved[0].read_bytes() == model
     ids = {json.loads(x)["run_id"] for x in (out / "history.jsonl").read_text().splitlines()}
     assert len(first_ids) == 1 and len(ids) == 1 and ids != first_ids  # one run per history file, told apart
+
+
+def test_validation_false_trains_without_model_selection(tiny2d, tmp_path):
+    """`validation: false` (the pretraining overlays' switch; the bench uses it on train.yaml): no validation split is
+    read, no evaluator runs, no best model is required, the resume checkpoint and history are still written."""
+    out = tmp_path / "noval"
+    run_bundle(cfg("train.yaml"), datalist=str(tiny2d), output_dir=str(out), **{**FAST, "max_epochs": 1},
+               validation=False, log_model=False, progress=False)
+    assert not (out / "models" / "model.pt").exists() and (out / "checkpoints" / "resume.pt").is_file()
+    rows = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and "val_auc" not in rows[0] and "train_loss" in rows[0]

@@ -10,7 +10,7 @@ Contenders, measured side by side in one process, one epoch each, alternating (w
       device (the epoch's images, augmented once), same number of iterations (forward, loss, backward, step).
 
 Headline: ``<dims>_ratio`` = model-only epoch time / end-to-end epoch time (1.0 = no data or engine overhead;
-target >= 0.85 on CPU). Validation is not part of a training epoch here (``val_interval`` beyond the run).
+target >= 0.85 on CPU). Validation is not part of a training epoch here (``validation: false``).
 
 Data: ``--data-root`` pointing at a folder with the project datalists (``kermany/kermany.json``,
 ``adrenal3d/adrenal3d.json``; or the ``shared/data`` folder next to ``datalists/``) uses real JPEGs / NIfTI volumes;
@@ -207,7 +207,7 @@ def _measure(spatial_dims: int, device: str, quick: bool, data_root: str | None,
     warmup, repeats = (1, 2) if quick else (1, 5)
     overrides.update(
         datalist=str(datalist), output_dir=str(tmp / f"run{spatial_dims}d"), batch_size=batch,
-        max_epochs=warmup + repeats, val_interval=10**6, progress=False, device=device,
+        max_epochs=warmup + repeats, validation=False, progress=False, device=device,
     )
     wf = build_workflow(configs, overrides)
     get = wf.parser.get_parsed_content
