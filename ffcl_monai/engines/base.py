@@ -46,26 +46,23 @@ from ffcl_monai.handlers.history import EpochMeans
 __all__ = ["BaseTrainer", "plain", "detached"]
 
 
+def _map_leaves(x: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``leaf`` applied to every item of nested tuples, lists and dicts (containers rebuilt, other values as is)."""
+    if isinstance(x, (tuple, list)):
+        return type(x)(_map_leaves(v, leaf) for v in x)
+    if isinstance(x, dict):
+        return {k: _map_leaves(v, leaf) for k, v in x.items()}
+    return leaf(x)
+
+
 def plain(x: Any) -> Any:
     """MetaTensor -> Tensor (also inside tuples, lists and dicts); anything else unchanged."""
-    if hasattr(x, "as_tensor"):
-        return x.as_tensor()
-    if isinstance(x, (tuple, list)):
-        return type(x)(plain(v) for v in x)
-    if isinstance(x, dict):
-        return {k: plain(v) for k, v in x.items()}
-    return x
+    return _map_leaves(x, lambda v: v.as_tensor() if hasattr(v, "as_tensor") else v)
 
 
 def detached(x: Any) -> Any:
     """Tensors detached (also inside tuples, lists and dicts), so no handler keeps an iteration's autograd graph."""
-    if isinstance(x, torch.Tensor):
-        return x.detach()
-    if isinstance(x, (tuple, list)):
-        return type(x)(detached(v) for v in x)
-    if isinstance(x, dict):
-        return {k: detached(v) for k, v in x.items()}
-    return x
+    return _map_leaves(x, lambda v: v.detach() if isinstance(v, torch.Tensor) else v)
 
 
 class BaseTrainer(PrecisionTrainerMixin, SupervisedTrainer):
