@@ -115,7 +115,8 @@ class Experiment:
         own = earlier is not None and earlier.get("kind") == self.kind and not self.overwrite
         self.run_id = claim_output_dir(self.output_dir, resume=self.resume or own, overwrite=self.overwrite,
                                        kind=self.kind)
-        earlier = None if self.overwrite else self._earlier_state()
+        if self.overwrite:
+            earlier = None  # the claim moved it aside
         self.state = earlier if earlier and earlier.get("kind") == self.kind else {"kind": self.kind, "done": {}}
         self.state.setdefault("done", {})
         self.state.setdefault("seconds", {})

@@ -167,13 +167,14 @@ def run_ffcl(
             # `max_epochs` on the command line is the fine-tuning's; a stage's epochs are `<stage>_epochs` (its
             # config sets max_epochs from them, which a forwarded max_epochs would override)
             stage_keys = {k: v for k, v in forward.items() if k != "max_epochs"}
-            ckpt = exp.step(name, _run_stage, files, {**stage_keys, **exp.step_overrides(name, pretrained_ckpt=ckpt)})
+            ckpt = exp.step(name, _run_step, files, {**stage_keys, **exp.step_overrides(name, pretrained_ckpt=ckpt)},
+                            "backbone.pt", required=True)
             exp.add_artifacts([exp.step_dir(name) / "training_curves.png"], name)
         finetune = {**forward, **finetune_keys}
         files = runner.config_files(["train.yaml", *overlays], datalist)
-        exp.step("finetune", _run_train, files, {**finetune, **exp.step_overrides("finetune", pretrained_ckpt=ckpt)})
+        best = exp.step("finetune", _run_step, files,
+                        {**finetune, **exp.step_overrides("finetune", pretrained_ckpt=ckpt)}, "models/model.pt")
         exp.add_artifacts([exp.step_dir("finetune") / "training_curves.png"], "finetune")
-        best = exp.step_dir("finetune") / "models" / "model.pt"
         # Evaluation is a one-off report: rank 0 runs it as a single process (no multi-GPU overlay), the rest wait.
         eval_files = runner.config_files(
             ["train.yaml", "evaluate.yaml", *[o for o in overlays if not Path(o).name.startswith("multi_gpu")]], datalist)
@@ -185,9 +186,9 @@ def run_ffcl(
             name = f"evaluate_{split}"
             if is_rank0():
                 logger.info("== FFCL evaluate on %s (%d images, once, bootstrap 95%% CIs)", split, n)
-                metrics = exp.step(name, _run_evaluate, eval_files, {
-                    **finetune, **exp.step_overrides(name, checkpoint=str(best), eval_split=split,
-                                                     **{"test_report#prefix": f"{split}_"})})
+                metrics = exp.step(name, _run_step, eval_files, {
+                    **finetune, **exp.step_overrides(name, checkpoint=best, eval_split=split,
+                                                     **{"test_report#prefix": f"{split}_"})}, "metrics.json")
                 exp.metrics.update(flat_metrics(metrics, f"{split}_"))
                 exp.add_artifacts([Path(metrics), Path(metrics).parent / "roc.png"], name)
         barrier()
@@ -200,22 +201,13 @@ def run_ffcl(
     return summary
 
 
-def _run_stage(files: Sequence[str], overrides: Mapping[str, Any]) -> str:
+def _run_step(files: Sequence[str], overrides: Mapping[str, Any], result: str, required: bool = False) -> str:
+    """Run one bundle step; return the path of its ``result`` file in its output folder (checked when ``required``)."""
     runner.run(files, overrides)
-    ckpt = Path(overrides["output_dir"]) / "backbone.pt"
-    if not ckpt.is_file():
-        raise RuntimeError(f"stage finished without writing {ckpt}")
-    return str(ckpt)
-
-
-def _run_train(files: Sequence[str], overrides: Mapping[str, Any]) -> str:
-    runner.run(files, overrides)
-    return str(Path(overrides["output_dir"]) / "models" / "model.pt")
-
-
-def _run_evaluate(files: Sequence[str], overrides: Mapping[str, Any]) -> str:
-    runner.run(files, overrides)
-    return str(Path(overrides["output_dir"]) / "metrics.json")
+    path = Path(overrides["output_dir"]) / result
+    if required and not path.is_file():
+        raise RuntimeError(f"the step finished without writing {path}")
+    return str(path)
 
 
 def refuse_without_workflow_name() -> None:
