@@ -78,3 +78,20 @@ def test_step_overrides_resume_a_started_step_only(tmp_path, monkeypatch):
         (out / "finetune" / "checkpoints").mkdir(parents=True)
         (out / "finetune" / "checkpoints" / "resume.pt").write_bytes(b"x")
         assert exp.step_overrides("finetune")["resume"] is True
+
+
+def test_recorded_step_results_are_data_never_config_syntax(tmp_path, monkeypatch):
+    """A recorded result becomes an override of later steps (e.g. a checkpoint path): a state.json edited to hold
+    `$...` is refused before any step runs, naming the file."""
+    from ffcl_monai.errors import UserInputError
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "exp"
+    with Experiment(out, "demo_program", experiment_name="e") as exp:
+        exp.step("stage1", lambda: str(out / "backbone.pt"))
+    state = json.loads((out / "state.json").read_text())
+    state["done"]["stage1"] = "$__import__('os').system('touch pwned')"
+    (out / "state.json").write_text(json.dumps(state))
+    with pytest.raises(UserInputError, match="state.json"):
+        with Experiment(out, "demo_program", experiment_name="e") as exp:
+            exp.step("stage1", lambda: "never run")

@@ -106,7 +106,14 @@ class Experiment:
             state = json.loads(path.read_text())
         except ValueError:
             return None
-        return state if isinstance(state, dict) else None
+        if not isinstance(state, dict):
+            return None
+        # Recorded step results (checkpoint paths, ...) become overrides of later steps: a file's text must never
+        # reach `$`-evaluation or instantiation in a bundle config.
+        from ffcl_monai.workflows.untrusted import refuse_config_syntax
+
+        refuse_config_syntax(state.get("done", {}), "done", f"{path}")
+        return state
 
     def __enter__(self) -> Experiment:
         self._t0 = time.time()
