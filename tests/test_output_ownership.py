@@ -242,18 +242,14 @@ def test_two_runs_started_together_one_wins_and_the_mlflow_store_is_intact(tmp_p
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
     assert [r.info.run_name for r in runs] == [f"racer{winner}"] and runs[0].data.metrics["auc"] == 0.5
-    # the fluent API too; mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which would send every later
-    # run of this test process to that store: both are restored
-    previous, env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
+    # the fluent API too, through the project's scoped switch: a bare mlflow.set_tracking_uri would leave the URI (and
+    # the MLFLOW_TRACKING_URI it exports) set for every later run of this test process
+    from ffcl_monai.serving.mlflow_pyfunc import _tracking_uri as using_tracking_uri
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    with using_tracking_uri(uri):
         assert list(mlflow.search_runs(search_all_experiments=True)["tags.mlflow.runName"]) == [f"racer{winner}"]
-    finally:
-        mlflow.set_tracking_uri(previous)
-        if env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env
 
 
 # ------------------------------------------------------------------------------------------------------- (d)
