@@ -102,7 +102,7 @@ def inference_overlay(overlay: Path, out_dir: Path) -> Path:
     import yaml
 
     sections = set()
-    for name in ("inference.yaml"):
+    for name in ("inference.yaml",):
         sections |= set((yaml.safe_load((CONFIGS / name).read_text()) or {}).keys())
     content = yaml.safe_load(overlay.read_text()) or {}
     kept = {k: v for k, v in content.items() if k.lstrip("+").replace("::", "#").split("#")[0] in sections
