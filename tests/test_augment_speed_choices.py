@@ -15,7 +15,7 @@ from monai.transforms import RandAffined
 
 from ffcl_monai.bench.simclr_epoch import plain_monai_augment
 from ffcl_monai.data.transforms import RandGaussianNoiseTorchd
-from ffcl_monai.data.two_view import build_augmentations, default_augment
+from ffcl_monai.data.augmentations import build_augmentations, default_augment
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"

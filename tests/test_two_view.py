@@ -7,7 +7,8 @@ import torch
 from monai.data import CacheDataset
 from monai.transforms import EnsureTyped
 
-from ffcl_monai.data.two_view import TwoViewd, build_augmentations, default_augment, strip_labels, two_view_dataset
+from ffcl_monai.data.augmentations import build_augmentations, default_augment
+from ffcl_monai.data.two_view import TwoViewd, strip_labels, two_view_dataset
 
 DET = [EnsureTyped(keys="image", track_meta=False)]
 

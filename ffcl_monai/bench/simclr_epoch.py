@@ -112,7 +112,7 @@ def _measure(device: str, quick: bool, data_root: str | None, tmp: Path) -> dict
     from monai.losses import ContrastiveLoss
     from monai.transforms import Compose
 
-    from ffcl_monai.data.two_view import build_augmentations
+    from ffcl_monai.data.augmentations import build_augmentations
 
     augment = get("augment")
     deterministic = Compose(get("deterministic_transforms"))

@@ -594,9 +594,9 @@ def dataset_tensors(
     dataset: Any, device: str | torch.device = "cpu", allow_empty: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Stack a (cached) MONAI dataset of ``{"image", "label"}`` dicts into ``(N, D)`` float images and ``(N,)``
-    labels on ``device``, once, so that every FF epoch is pure tensor work. An empty dataset gives ``None`` when
-    ``allow_empty`` (the optional validation split), an error otherwise."""
-    if len(dataset) == 0:
+    labels on ``device``, once, so that every FF epoch is pure tensor work. An empty or absent (disabled) dataset
+    gives ``None`` when ``allow_empty`` (the optional validation split), an error otherwise."""
+    if dataset is None or len(dataset) == 0:
         if allow_empty:
             return None
         raise ValueError("empty dataset: no images to train or evaluate on (check the datalist split).")
