@@ -73,6 +73,10 @@ class _Decoded(NamedTuple):
     patient_token: str | None = None
 
 
+# channel counts the training loader turns into `in_channels` (1 or 3): grey, RGB, RGBA
+LOADER_CONVERTS_CHANNELS = {1, 3, 4}
+
+
 def _nonfinite(arr: Any) -> tuple[int, int]:
     """(NaN count, +/-Inf count) of a numeric array; (0, 0) for integer data."""
     import numpy as np
@@ -363,10 +367,18 @@ def check_entries(datalist: dict[str, Any], json_dir: Path, infos: dict[str, Fil
         by_ch[i.channels or 0].append(rel)
     if len(by_ch) > 1:
         parts = [f"{c} channel(s): {len(v)} file(s), e.g. {v[0]}" for c, v in sorted(by_ch.items())]
-        rep.errors.append(
-            "mixed channel counts (a batch cannot be stacked; convert the odd files or add a channel transform):\n"
-            + _listing(parts)
-        )
+        if set(by_ch) <= LOADER_CONVERTS_CHANNELS:
+            # grey, RGB and RGBA files mixed (two RGB files among the grey Kermany OCT release): the loader's
+            # EnsureChannelsd makes every image `in_channels` channels, so a batch stacks; the release stays usable
+            rep.info.append(
+                "mixed channel counts, converted by the loader (ffcl_monai EnsureChannelsd: RGB(A) averaged to grey "
+                "with in_channels 1, grey repeated with in_channels 3):\n" + _listing(parts)
+            )
+        else:
+            rep.errors.append(
+                "mixed channel counts (a batch cannot be stacked; convert the odd files or add a channel transform):\n"
+                + _listing(parts)
+            )
     elif by_ch:
         (c,) = by_ch
         shapes = Counter(i.shape for _, _, i in good)

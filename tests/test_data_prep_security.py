@@ -23,7 +23,7 @@ from PIL import Image
 
 from data_prep import check as check_mod
 from data_prep.__main__ import main
-from data_prep._testing import make_chexpert, make_dicom_series, make_image, make_kermany, make_nih, tree_fingerprint
+from data_prep._testing import make_chexpert, make_dicom_series, make_image, make_kermany, make_nih, tree_fingerprint, truncate
 from data_prep.phi import DEFAULT_SALT, PHI_DICOM_KEYWORDS, patient_hash
 
 SPLITS = ("training", "validation", "test")
@@ -218,28 +218,32 @@ def test_identical_bytes_under_two_labels_is_an_error(tmp_path, capsys):
     assert any(e["image"].endswith("test/a/t1.png") for e in d["test"])
 
 
+UNREADABLE = "unreadable, truncated or invalid"
+
+
 def _dotdot_fixture(layout: str, data: Path) -> tuple[list[str], str]:
     """Build a source under ``data`` whose check must fail; return (command args before --out, expected text)."""
     if layout == "kermany":
         src = make_kermany(data / "chest_xray")
-        make_image(sorted((src / "train" / "NORMAL").glob("*.jpeg"))[0], 999, mode="L")  # 1 channel among RGB
-        return ["kermany", "chest_xray", "--val-count", "4"], "mixed channel counts"
+        truncate(sorted((src / "train" / "NORMAL").glob("*.jpeg"))[0])  # a per-file check: unreadable
+        return ["kermany", "chest_xray", "--val-count", "4"], UNREADABLE
     if layout == "oct2017":
         k = 0
         for cls in ("CNV", "DME", "DRUSEN", "NORMAL"):
             for p in range(3):
                 k += 1
-                make_image(data / "OCT" / "train" / cls / f"{cls}-{100 + k}-1.jpeg", k, mode="RGB" if k == 1 else "L")
-        return ["oct2017", "OCT", "--val-count", "2"], "mixed channel counts"
+                make_image(data / "OCT" / "train" / cls / f"{cls}-{100 + k}-1.jpeg", k, mode="L")
+        truncate(data / "OCT" / "train" / "CNV" / "CNV-101-1.jpeg")
+        return ["oct2017", "OCT", "--val-count", "2"], UNREADABLE
     if layout == "chexpert":
         ds = make_chexpert(data)
         first = sorted(ds.rglob("*.jpg"))[0]
-        make_image(first, 999, mode="RGB")
-        return ["chexpert", "CheXpert-v1.0-small", "--val-count", "2"], "mixed channel counts"
+        truncate(first)
+        return ["chexpert", "CheXpert-v1.0-small", "--val-count", "2"], UNREADABLE
     if layout == "nih":
         make_nih(data / "nih")
-        make_image(sorted((data / "nih").rglob("*.png"))[0], 999, mode="RGB")
-        return ["nih", "nih", "--val-count", "2"], "mixed channel counts"
+        truncate(sorted((data / "nih").rglob("*.png"))[0])
+        return ["nih", "nih", "--val-count", "2"], UNREADABLE
     if layout == "medmnist":
         rng = np.random.default_rng(0)
         arrays = {f"{s}_images": rng.integers(0, 256, size=(6, 8, 8), dtype=np.uint8) for s in ("train", "val", "test")}
@@ -267,12 +271,12 @@ def _dotdot_fixture(layout: str, data: Path) -> tuple[list[str], str]:
         return ["volumes", "nii", "--val-count", "1", "--test-count", "1"], "mixed channel counts"
     if layout == "folder":
         for k in range(8):
-            make_image(data / "skin" / ("a" if k % 2 else "b") / f"{k}.png", k, mode="L" if k == 0 else "RGB")
+            make_image(data / "skin" / ("a" if k % 2 else "b") / f"{k}.png", k, mode="LA" if k == 0 else "RGB")
         return ["folder", "skin", "--val-count", "1", "--test-count", "1"], "mixed channel counts"
     assert layout == "csv"
     rows = []
     for k in range(8):
-        make_image(data / "tab" / "img" / f"{k}.png", k, mode="L" if k == 0 else "RGB")
+        make_image(data / "tab" / "img" / f"{k}.png", k, mode="LA" if k == 0 else "RGB")  # 2 channels: no conversion
         rows.append([f"img/{k}.png", k % 2])
     _write_csv(data / "tab" / "labels.csv", ["image", "label"], rows)
     return ["csv", "tab/labels.csv", "--val-count", "1", "--test-count", "1"], "mixed channel counts"

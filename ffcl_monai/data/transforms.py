@@ -156,7 +156,8 @@ class EnsureChannelsd(MapTransform):
     """Make images ``channels``-channel and check their number of spatial dims.
 
     RGB(A)-stored grayscale images (Kermany JPEGs are RGB with equal channels) are averaged to one channel when
-    ``channels == 1``. A trailing singleton axis of 2D DICOM/NIfTI slices is dropped. Anything else that does not
+    ``channels == 1``; with ``channels == 3`` grey images are repeated to three channels and RGBA drops its alpha, so
+    a release that mixes grey and RGB files (Kermany OCT) loads as one kind. A trailing singleton axis of 2D DICOM/NIfTI slices is dropped. Anything else that does not
     match raises :class:`ImageReadError` naming the file and the config key to change.
     """
 
@@ -182,6 +183,10 @@ class EnsureChannelsd(MapTransform):
             if c != self.channels:
                 if self.channels == 1 and c in (3, 4):
                     img = img[:3].mean(dim=0, keepdim=True)
+                elif self.channels == 3 and c == 1:  # grey sources (DICOM, most PNGs) for a 3-channel network
+                    img = img.repeat(3, *([1] * (img.ndim - 1)))
+                elif self.channels == 3 and c == 4:  # RGBA: the alpha channel is not image content
+                    img = img[:3]
                 else:
                     raise ImageReadError(
                         f"{source} has {c} channels but the config has in_channels={self.channels}; "
