@@ -157,8 +157,8 @@ class EnsureChannelsd(MapTransform):
 
     RGB(A)-stored grayscale images (Kermany JPEGs are RGB with equal channels) are averaged to one channel when
     ``channels == 1``; with ``channels == 3`` grey images are repeated to three channels and RGBA drops its alpha, so
-    a release that mixes grey and RGB files (Kermany OCT) loads as one kind. A trailing singleton axis of 2D DICOM/NIfTI slices is dropped. Anything else that does not
-    match raises :class:`ImageReadError` naming the file and the config key to change.
+    a release that mixes grey and RGB files (Kermany OCT) loads as one kind. A trailing singleton axis of 2D
+    DICOM/NIfTI slices is dropped. Anything else that does not match raises :class:`ImageReadError` naming the file and the config key to change.
     """
 
     def __init__(self, keys: KeysCollection, channels: int = 1, spatial_dims: int = 2, allow_missing_keys: bool = False):
