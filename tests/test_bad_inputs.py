@@ -73,8 +73,20 @@ def test_empty_split(data, tmp_path):
 
 
 def test_num_classes_mismatch_names_the_override(data, tmp_path):
+    # the config takes the classes from the header; a command line that contradicts it is stopped, naming the fix
     _edit(data, lambda c: c.update(num_classes=3, labels={"0": "a", "1": "b", "2": "c"}))
-    _expect(data, tmp_path / "o", r"--num_classes 3")
+    _expect(data, tmp_path / "o", r"--num_classes 3", num_classes=2)
+
+
+def test_classes_come_from_the_datalist_header(data, tmp_path):
+    """No --num_classes/--task/--class_names: a 3-class multiclass header gives a 3-way head and its class names."""
+    _edit(data, lambda c: c.update(num_classes=3, task="multiclass", labels={"0": "a", "1": "b", "2": "c"}))
+    out = tmp_path / "o"
+    _train(data, out)
+    state = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert state.get("model", state)["head.weight"].shape[0] == 3
+    summary = json.loads((out / "dataset_summary.json").read_text())
+    assert "a" in json.dumps(summary) and "c" in json.dumps(summary), summary
 
 
 class NanOnSecondEpochLoss(torch.nn.Module):

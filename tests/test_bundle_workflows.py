@@ -47,9 +47,11 @@ def test_standalone_inference_yaml_agrees_with_train_yaml():
 
     train = yaml.safe_load((CONFIGS / "train.yaml").read_text())
     infer = yaml.safe_load((CONFIGS / "inference.yaml").read_text())
+    # training reads task and classes from the datalist header; inference has no labelled datalist to read them from
+    from_header = ("task", "num_classes", "class_names")
     shared = [k for k in infer if k in train and k not in ("imports", "initialize", "run", "network", "checkpoint",
-                                                          "network_def", "output_dir")]
-    assert {"deterministic_transforms", "image_size", "class_names", "backbone", "amp_dtype", "datalist"} <= set(shared)
+                                                          "network_def", "output_dir", *from_header)]
+    assert {"deterministic_transforms", "image_size", "backbone", "amp_dtype", "datalist"} <= set(shared)
     for key in shared:
         assert infer[key] == train[key], key
     # the inference network is train.yaml's without its training-only switches

@@ -69,3 +69,23 @@ def test_oct2017_with_rgb_files_is_accepted_and_loads_as_grey(tmp_path, capsys):
     rgb_file = next(e for e in d["training"] + d["validation"] if e["image"].endswith("CNV-101-1.jpeg"))
     raw = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(out.parent / rgb_file["image"]))
     assert raw.ndim == 3 and raw.shape[2] == 3  # the source really is RGB
+
+
+def test_oct_overlay_trains_on_mixed_grey_and_rgb_files(tmp_path, capsys):
+    """train.yaml + oct.yaml on an oct2017 datalist with RGB files among grey ones: one epoch runs, the model is
+    selected on the patient-grouped validation split, and the overlay's settings are the ones used."""
+    from conftest import CONFIGS, cfg, run_bundle
+
+    src = _oct_tree(tmp_path / "OCT", rgb={1, 7})
+    dl = tmp_path / "oct.json"
+    assert main(["oct2017", str(src), "--out", str(dl), "--val-count", "4", "--no-progress"]) == 0
+    out = tmp_path / "run"
+    run_bundle(cfg("train.yaml", "oct.yaml"), datalist=str(dl), output_dir=str(out), max_epochs=1, batch_size=4,
+               backbone="resnet10", progress=False, log_model=False)
+    resolved = json.loads((out / "config_resolved.json").read_text())
+    assert resolved["image_size"] == [64, 128] and resolved["loss_name"] == "ce"
+    # task and classes came from the datalist header: a 4-way head, no --num_classes on the command line
+    state = torch.load(out / "models" / "model.pt", weights_only=True)
+    state = state.get("model", state)
+    assert state["head.weight"].shape[0] == 4
+    assert (CONFIGS / "oct.yaml").is_file()
