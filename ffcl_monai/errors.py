@@ -42,6 +42,13 @@ def install_excepthook() -> None:
     sys.excepthook = hook
 
 
+class ImageReadError(UserInputError):
+    """An image could not be read or has the wrong shape; the message names the file and the fix.
+
+    Defined here (and re-exported by :mod:`ffcl_monai.data.transforms`, its historical home) so that the image readers
+    (:mod:`ffcl_monai.data.dicom`) and the transforms share it without importing each other."""
+
+
 class OutputDirError(UserInputError):
     """``output_dir`` cannot be used by this run (:mod:`ffcl_monai.workflows.ownership`): it is in use by another run,
     or it holds an earlier run's results and neither ``--resume True`` nor ``--overwrite True`` was given."""
