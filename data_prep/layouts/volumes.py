@@ -9,6 +9,11 @@ Patient grouping uses the CSV's patient column, else the DICOM PatientID tag, bo
 series must carry the same PatientID: a folder that mixes patients is an error (the message never shows the IDs).
 
 Geometry: voxels are stored as (column, row, slice), with the DICOM LPS affine converted to NIfTI's RAS.
+
+The header's ``volumes`` entry records what the training's 3D preset (``volume_preset``, docs/3d_presets.md) needs:
+the orientation codes seen (nibabel axis codes, with counts), the voxel spacing per RAS axis (min/median/max, mm),
+the shapes, the stored dtypes, the modality as ``mri``/``ct``/``unknown`` (``--modality``, else the DICOM Modality
+tag) and a ``suggested_volume_preset``. Only geometry and types: no DICOM text reaches it.
 """
 
 from __future__ import annotations
@@ -200,6 +205,71 @@ def nifti_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
     return gzip_deterministic(img.to_bytes())
 
 
+#: ``--modality`` / DICOM Modality values -> the ``volume_preset`` family.
+_MODALITY_FAMILY = {"mr": "mri", "mri": "mri", "ct": "ct"}
+
+
+def preset_modality(modality: str | None) -> str:
+    """``mri``, ``ct`` or ``unknown`` from a ``--modality`` value or DICOM Modality tag(s) such as ``MR`` or ``CT``."""
+    families = {_MODALITY_FAMILY.get(m.strip().lower(), "unknown") for m in str(modality or "").split("/") if m.strip()}
+    return families.pop() if len(families) == 1 else "unknown"
+
+
+def geometry_of(affine: np.ndarray, shape: tuple[int, ...], dtype: Any) -> dict[str, Any]:
+    """One volume's orientation codes, voxel spacing (mm) and shape per RAS axis, and stored dtype."""
+    import nibabel as nib
+
+    affine = np.asarray(affine, dtype=float)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    ornt = nib.orientations.io_orientation(affine)
+    spacing, size = [0.0, 0.0, 0.0], [1, 1, 1]
+    for voxel_axis, (world_axis, _) in enumerate(ornt):
+        if not np.isnan(world_axis):
+            spacing[int(world_axis)] = float(zooms[voxel_axis])
+            size[int(world_axis)] = int(shape[voxel_axis]) if voxel_axis < len(shape) else 1
+    return {"orientation": "".join(str(c) for c in nib.aff2axcodes(affine)), "spacing": spacing, "shape": size,
+            "dtype": np.dtype(dtype).name}
+
+
+def _nifti_geometry(path: Path) -> dict[str, Any] | None:
+    """Geometry of a NIfTI file from its header alone (no voxel data is read); None for an unreadable header (the
+    file check reports the file, and ``--drop-bad`` can drop it)."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        return geometry_of(img.affine, img.shape, img.get_data_dtype())
+    except Exception:
+        return None
+
+
+def volume_summary(geometries: list[dict[str, Any]], modality: str) -> dict[str, Any]:
+    """The header's ``volumes`` entry: what ``volume_preset`` needs, summed over a dataset's volumes."""
+    from collections import Counter
+
+    family = preset_modality(modality)
+    spacing = np.array([g["spacing"] for g in geometries], dtype=float).reshape(-1, 3)
+    shapes = np.array([g["shape"] for g in geometries], dtype=float).reshape(-1, 3)
+
+    def stats(a: np.ndarray, digits: int) -> dict[str, list[float]]:
+        if not len(a):
+            return {"min": [], "median": [], "max": []}
+        def num(v: float) -> float | int:
+            r = round(float(v), digits)
+            return int(r) if digits <= 1 and r.is_integer() else r
+
+        return {k: [num(v) for v in f(a, axis=0)] for k, f in (("min", np.min), ("median", np.median), ("max", np.max))}
+
+    return {
+        "modality": family,
+        "orientations": dict(sorted(Counter(g["orientation"] for g in geometries).items())),
+        "spacing_mm": stats(spacing, 4),  # per RAS axis: the axes volume_preset resamples after reorienting
+        "shape": stats(shapes, 1),  # voxels per RAS axis
+        "dtypes": dict(sorted(Counter(g["dtype"] for g in geometries).items())),
+        "suggested_volume_preset": family if family in ("mri", "ct") else "none",
+    }
+
+
 def _is_dicom_folder(folder: Path) -> bool:
     for f in sorted(folder.iterdir()):
         if f.is_file() and not f.name.startswith("."):
@@ -264,6 +334,7 @@ def scan(args: argparse.Namespace) -> Scan:
     salt = resolver.get(need_secret=True).value if series else None
     staging = StagingDir(out.parent / f"{out.stem}_images") if series else None
     modalities: set[str] = set()
+    geometries: list[dict[str, Any]] = []
     official: set[str] = set()
     records: list[Record] = []
     try:
@@ -282,11 +353,15 @@ def scan(args: argparse.Namespace) -> Scan:
                 split = SPLIT_VALUES[v]
                 official.add(split)
             if staging is None:
+                geometry = _nifti_geometry(p)
+                if geometry is not None:
+                    geometries.append(geometry)
                 records.append(Record(path=p.absolute(), label=lab, patient=patient, split=split,
                                       patient_source=source))
                 continue
             reader = _read_series_itk if args.dicom_reader == "itk" else _read_series_pydicom
             data, affine, info = reader(p)
+            geometries.append(geometry_of(affine, data.shape, data.dtype))
             if info["modality"]:
                 modalities.add(info["modality"])
             name = "series_" + patient_hash(p.relative_to(src).as_posix(), salt) + ".nii.gz"
@@ -304,6 +379,17 @@ def scan(args: argparse.Namespace) -> Scan:
     if "validation" not in official and args.val_count is None and args.val_fraction is None:
         args.val_fraction = 0.1
     modality = args.modality or ("/".join(sorted(modalities)) if modalities else "unknown")
+    summary = volume_summary(geometries, modality)
+    sp = summary["spacing_mm"]
+    log.info(f"volumes: {len(geometries)} {summary['modality'].upper()} volume(s), orientations "
+             f"{summary['orientations']}, spacing (RAS, mm) min {sp['min']} median {sp['median']} max {sp['max']}, "
+             f"dtypes {summary['dtypes']}")
+    if summary["modality"] == "unknown":
+        log.info("volumes: modality unknown: pass --modality MR or --modality CT to record the 3D preset to train with "
+                 "(--volume_preset mri | ct; docs/3d_presets.md)")
+    else:
+        log.info(f"volumes: suggested preset: train with --volume_preset {summary['suggested_volume_preset']} "
+                 "(reorient to RAS, resample, normalise, crop; docs/3d_presets.md); recorded in the header's `volumes`")
     return Scan(
         layout="volumes", records=records, class_names=names, task="binary" if len(names) == 2 else "multiclass",
         spatial_dims=3, modality=modality,
@@ -313,5 +399,5 @@ def scan(args: argparse.Namespace) -> Scan:
                  "patient_column": args.patient_column, "split_column": args.split_column,
                  "class_names": args.class_names, "source_format": "dicom" if series else "nifti",
                  "dicom_reader": args.dicom_reader if series else None},
-        staging=staging, official=official,
+        header_extra={"volumes": summary}, staging=staging, official=official,
     )

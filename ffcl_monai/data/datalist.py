@@ -20,7 +20,7 @@ import numpy as np
 from monai.data import load_decathlon_datalist
 
 from ffcl_monai.errors import UserInputError
-from ffcl_monai.workflows.untrusted import header_class_names, header_overrides
+from ffcl_monai.workflows.untrusted import header_class_names, header_overrides, header_volume_preset
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +56,26 @@ def class_names_from_header(header: dict[str, Any], where: str = "datalist heade
     return header_class_names(header, where)
 
 
-def check_header(datalist: str | os.PathLike, num_classes: int, spatial_dims: int, task: str) -> dict[str, Any]:
-    """Compare the datalist header with the config and fail with the override that fixes a mismatch."""
+def check_header(
+    datalist: str | os.PathLike, num_classes: int, spatial_dims: int, task: str, volume_preset: str | None = None
+) -> dict[str, Any]:
+    """Compare the datalist header with the config and fail with the override that fixes a mismatch.
+
+    A 3D preset the header suggests (``data_prep volumes``: ``volumes.suggested_volume_preset``) that differs from the
+    config's ``volume_preset`` is logged as a warning naming the override, never applied.
+    """
     header = read_header(datalist)
     header_overrides(header, f"datalist {datalist} header")  # refuses config syntax anywhere in the header
+    suggested = header_volume_preset(header, f"datalist {datalist} header")
+    if suggested is not None and volume_preset is not None and int(spatial_dims) == 3:
+        if suggested != str(volume_preset).strip().lower():
+            v = header.get("volumes") or {}
+            spacing = v.get("spacing_mm") if isinstance(v.get("spacing_mm"), dict) else {}
+            logger.warning(
+                f"datalist {datalist}: data_prep recorded {v.get('modality')} volumes (orientations "
+                f"{v.get('orientations')}, spacing {spacing.get('min')}..{spacing.get('max')} mm) and suggests "
+                f"`--volume_preset {suggested}`; this run uses volume_preset={volume_preset!r} (docs/3d_presets.md)."
+            )
     if task not in TASKS:
         raise DatalistError(f"config key `task` is {task!r}; it must be one of {TASKS}.")
     hdr_classes = header.get("num_classes")

@@ -54,7 +54,7 @@ SPEC_FORMAT = "ffcl_monai.image_classifier/1"
 ENTRY_FILE = Path(__file__).with_name("pyfunc_entry.py")
 INPUT_COLUMNS = ("image", "image_bytes")
 #: Modules whose transforms a model's ``preprocessing.json`` may name (I/O transforms are refused in any case).
-TRANSFORM_MODULES = ("monai.transforms", "ffcl_monai.data.transforms")
+TRANSFORM_MODULES = ("monai.transforms", "ffcl_monai.data.transforms", "ffcl_monai.data.volume_presets")
 #: Modules whose networks a model's ``preprocessing.json`` may name.
 NETWORK_MODULES = ("ffcl_monai.networks",)
 #: Longest side of the input example (one training image, downscaled) stored with the model.

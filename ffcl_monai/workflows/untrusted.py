@@ -278,6 +278,26 @@ def header_class_names(header: Mapping[str, Any], where: str) -> list[str] | Non
         raise UntrustedInputError(f"{where}: `labels` is {e}; expected {HEADER_FIELDS['class_names'].describe}.") from None
 
 
+#: The 3D preset a ``data_prep volumes`` header suggests (``volumes.suggested_volume_preset``): an enum, never code.
+VOLUME_PRESET_FIELD = choice("none", "mri", "ct")
+
+
+def header_volume_preset(header: Mapping[str, Any], where: str) -> str | None:
+    """The ``volume_preset`` the header's ``volumes`` entry suggests (``none``/``mri``/``ct``), or None if it has none.
+
+    Only a suggestion: the run logs it next to the config's ``volume_preset`` and never applies it (inference of the
+    same model reads no datalist header, so a preset taken from one would make training and serving differ).
+
+    Raises:
+        UntrustedInputError: naming ``volumes.suggested_volume_preset`` when the value is not one of the presets.
+    """
+    volumes = header.get("volumes")
+    if not isinstance(volumes, Mapping) or volumes.get("suggested_volume_preset") is None:
+        return None
+    return validate({"volumes.suggested_volume_preset": volumes["suggested_volume_preset"]},
+                    {"volumes.suggested_volume_preset": VOLUME_PRESET_FIELD}, where)["volumes.suggested_volume_preset"]
+
+
 def header_overrides(header: Mapping[str, Any], where: str) -> dict[str, Any]:
     """The config keys a datalist header may set (``task``, ``num_classes``, ``spatial_dims``, ``class_names``), typed.
 
