@@ -1,22 +1,24 @@
 """Benchmark suite entry point:
-``python -m ffcl_monai.bench [all|ntxent|ffcl|ff|pipeline|simclr_epoch|monitor] [--quick]``.
+``python -m ffcl_monai.bench [all|ntxent|ffcl|ff|pipeline|simclr_epoch|monitor|cache] [--quick]``.
 
 Each benchmark lives in its own module ``ffcl_monai/bench/<name>.py`` exposing
 ``run(device: str, quick: bool, data_root: str | None) -> BenchResult``. Modules are imported lazily so that one
-missing optional piece does not stop the others.
+missing optional piece does not stop the others. Options a module's ``run`` also accepts (``cache``: ``--n``,
+``--size``, ...) are passed to it.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 
 import torch
 
 from ffcl_monai.bench.common import BenchResult, write_report
 
-BENCHMARKS = ["ntxent", "ffcl", "ff", "pipeline", "simclr_epoch", "monitor"]
+BENCHMARKS = ["ntxent", "ffcl", "ff", "pipeline", "simclr_epoch", "monitor", "cache"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes (smoke test)")
     parser.add_argument("--data-root", default=None, help="path to shared/data for benches that use real images")
     parser.add_argument("--out", default="bench_results", help="folder for the JSON report")
+    cache = parser.add_argument_group("cache (datasets larger than memory)")
+    cache.add_argument("--n", type=int, default=None, help="synthetic images (default 2000; --quick 200)")
+    cache.add_argument("--size", type=int, default=None, help="cached image size in px (default 224; --quick 64)")
+    cache.add_argument("--source-size", type=int, default=None, help="size of the written PNGs (default: --size)")
+    cache.add_argument("--subset", type=int, default=None, help="images of the RAM vs disk throughput (default 1000)")
+    cache.add_argument("--budget-gb", type=float, default=None, help="planner budget (default 5%% of the float32 size)")
+    cache.add_argument("--work-dir", default=None, help="where the images and caches go (default: the temp folder)")
+    cache.add_argument("--keep", action="store_true", help="keep the images and caches")
     args = parser.parse_args(argv)
     which = BENCHMARKS if "all" in args.which else args.which
     unknown = [w for w in which if w not in BENCHMARKS]
@@ -35,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in which:
         module = importlib.import_module(f"ffcl_monai.bench.{name}")
         print(f"running {name} on {args.device} ...", flush=True)
-        result = module.run(device=args.device, quick=args.quick, data_root=args.data_root)
+        accepted = inspect.signature(module.run).parameters
+        extra = {k: v for k, v in vars(args).items() if k in accepted and k not in ("device", "quick", "data_root")}
+        result = module.run(device=args.device, quick=args.quick, data_root=args.data_root, **extra)
         print(result.table(), flush=True)
         results.append(result)
     path = write_report(results, args.device, args.out)

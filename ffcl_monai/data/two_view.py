@@ -90,16 +90,18 @@ def two_view_dataset(
     key: str = "image",
     view_keys: Sequence[str] = ("view1", "view2"),
     extra_transforms: Sequence[Any] = (),
+    plan: Any = None,
 ) -> Dataset:
     """CacheDataset of the deterministic prefix (+ ``extra_transforms``), followed by :class:`TwoViewd`.
 
     ``copy_cache=False``: TwoViewd deep-copies the image itself, so MONAI's per-item deep copy of the cache entry
-    would only double the work.
+    would only double the work. ``plan``: where the prefix is cached (:func:`~ffcl_monai.data.transforms.cached_dataset`;
+    on disk, TwoViewd runs after the cached prefix is read back, as after the RAM cache).
     """
     if not data:
         raise ValueError("the pretraining datalist is empty; check `datalist` (its `training` split).")
     transform = Compose([*deterministic_transforms, *extra_transforms, TwoViewd(augment, key, view_keys)])
-    return cached_dataset(list(data), transform, cache_rate, copy_cache=False)
+    return cached_dataset(list(data), transform, cache_rate, copy_cache=False, plan=plan)
 
 
 def strip_labels(items: Sequence[Mapping[str, Any]], keep: Sequence[str] = ()) -> list[dict[str, Any]]:
