@@ -31,13 +31,15 @@ def _free_port() -> int:
 class MlflowServer:
     """`mlflow server` on a free loopback port with its own SQLite store and artifact folder."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, artifacts: str = "--default-artifact-root") -> None:
+        """``artifacts``: ``--default-artifact-root`` (clients write artifacts into the folder themselves) or
+        ``--artifacts-destination`` (clients upload them through the server, as nodes of a cluster must)."""
         root.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "art"),
+             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", artifacts, str(root / "art"),
              "--workers", "1"],
             cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -130,7 +130,8 @@ def setup(backend: str | None = "auto") -> torch.device:
         # Destroyed at exit, not in a workflow's `finalize`: pipelines run several workflows in one process and
         # re-creating a group under torchrun's shared store is fragile.
         atexit.register(_destroy)
-        logger.info("process group %s: rank %d of %d on %s", backend, dist.get_rank(), dist.get_world_size(), device)
+        logger.info("process group %s: rank %d of %d (local rank %d) on %s", backend, dist.get_rank(),
+                    dist.get_world_size(), local_rank(), device)
     return device
 
 

@@ -344,7 +344,7 @@ def claim_output_dir(
     ``ffcl_monai.handlers.mlflow_tracking.check_tracking`` creates the SQLite store there.
 
     Args:
-        output_dir: the run's folder; created if missing.
+        output_dir: the run's folder; created if missing (by rank 0 alone under torchrun).
         resume: the folder may hold an earlier run's results, which this run continues (they are kept).
         overwrite: the folder may hold an earlier run's results, which are moved to
             ``<output_dir>/.overwritten/<timestamp>/`` before this run starts.
@@ -364,18 +364,20 @@ def claim_output_dir(
             f"earlier run there, --overwrite starts over (its results are moved to {folder / OVERWRITTEN_DIR}/"
             "<timestamp>/). Pass only one of them."
         )
-    folder.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex
     rank = _rank()
 
     with _REGISTRY_LOCK:
         if rank != 0:
-            # torchrun: rank 0 of this job holds the lock and handles earlier results (module docstring, point 3).
+            # torchrun: rank 0 of this job creates the folder, holds the lock and handles earlier results (module
+            # docstring, point 3). Not even the folder is made here: on other nodes it is either rank 0's (a shared
+            # filesystem) or would be a stray empty folder on the node's own disk.
             claim = Claim(folder, run_id, str(kind), rank, _now(), None, os.getpid())
             _CLAIMS[folder] = claim
             logger.debug("rank %d: %s is claimed by rank 0 of this job; run id %s", rank, folder, run_id)
             return run_id
 
+        folder.mkdir(parents=True, exist_ok=True)
         held = current_claim(folder)
         reentrant = held is not None and held.rank == 0
         fd = held.fd if reentrant else _lock(folder)
