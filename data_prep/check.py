@@ -142,19 +142,34 @@ def _open_nifti(path: Path) -> _Decoded:
 
 
 def _open_dicom(path: Path) -> _Decoded:
+    """A single-frame DICOM file is read by :func:`ffcl_monai.data.dicom.read_dicom_display`, the function the
+    bundle's loader uses (so both accept and refuse the same files, and a file that checks out here is what training
+    sees: one grey channel); a multi-frame file is a volume (3D configs), decoded by pydicom."""
     import pydicom
 
     from .dicomtags import patient_id_of
 
     with quiet_dicom():
-        ds = pydicom.dcmread(str(path))
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
         try:
             spp = int(getattr(ds, "SamplesPerPixel", 1) or 1)
             frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
             _check_size((int(getattr(ds, "Columns", 0) or 0), int(getattr(ds, "Rows", 0) or 0), frames, spp),
                         "the DICOM header (Columns x Rows x NumberOfFrames x SamplesPerPixel)")
+            if frames <= 1:
+                from ffcl_monai.data.dicom import DicomReadError, read_dicom_display
+
+                try:
+                    arr = read_dicom_display(path)  # never holds NaN/Inf: it refuses such files
+                except DicomReadError as exc:  # "DICOM <path>: <problem>. <fix>": the report names the file already
+                    raise RedactedError(f"DicomReadError: {str(exc).removeprefix(f'DICOM {path}: ')}") from None
+                pid = patient_id_of(ds)
+                return _Decoded(2, 1, tuple(int(s) for s in arr.shape), 0, 0, session_token(pid) if pid else None)
+            ds = pydicom.dcmread(str(path))
             arr = ds.pixel_array
             nan, inf = _nonfinite(arr)
+        except RedactedError:
+            raise
         except ImageTooLargeError:
             raise
         except Exception as exc:  # decoder messages must not carry tag values into reports

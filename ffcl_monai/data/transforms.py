@@ -1,9 +1,11 @@
 """The few transforms MONAI does not have, and the cached dataset builder.
 
 The bundle configs list MONAI transforms explicitly (so users can change them); this module adds only:
-- :class:`LoadImageNamedd`: MONAI's LoadImaged whose errors name the file and the fix, which refuses NIfTI files
-  whose header declares more than :data:`MAX_IMAGE_VOXELS` voxels or :data:`MAX_IMAGE_DIM` along an axis (before
-  decoding: a few-KB ``.nii.gz`` can declare terabytes), and images with NaN or infinite pixel values.
+- :class:`LoadImageNamedd`: MONAI's LoadImaged that reads single-frame DICOM files as a viewer shows them
+  (:mod:`ffcl_monai.data.dicom`: VOI window, MONOCHROME1 inverted, [0, 1]), whose errors name the file and the fix,
+  which refuses NIfTI files whose header declares more than :data:`MAX_IMAGE_VOXELS` voxels or :data:`MAX_IMAGE_DIM`
+  along an axis (before decoding: a few-KB ``.nii.gz`` can declare terabytes), and images with NaN or infinite pixel
+  values.
 - :class:`EnsureChannelsd`: grayscale conversion of RGB-stored images and a dimensionality check that catches 2D
   data given to a 3D config (and vice versa) while the cache is built, before training.
 - :class:`LabelToTensord`: integer labels -> long tensors, multi-label lists -> float tensors (batchable).
@@ -12,7 +14,8 @@ The bundle configs list MONAI transforms explicitly (so users can change them); 
 - :class:`RandGaussianNoiseTorchd`: MONAI's RandGaussianNoised with the noise drawn by torch on the image's device
   (MONAI draws float64 numpy noise on the CPU: 5.9 ms vs 1.0 ms per 64^3 volume on 2 CPU cores, and on a GPU a
   host-to-device copy per view; ``python -m ffcl_monai.bench simclr_epoch`` prints the side-by-side timing).
-- :func:`cached_dataset`: MONAI CacheDataset that re-raises read errors with their clear message.
+- :func:`cached_dataset`: MONAI CacheDataset that re-raises read errors with their clear message (or, by the
+  ``cache`` plan of :mod:`ffcl_monai.data.cache_planner`, the disk cache of :mod:`ffcl_monai.data.disk_cache`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from monai.transforms import Compose, LoadImaged, MapTransform, RandomizableTran
 from monai.utils import MAX_SEED, TransformBackends
 
 from data_prep.check import MAX_DIM, MAX_VOXELS
-from ffcl_monai.errors import UserInputError
+from ffcl_monai.errors import ImageReadError  # defined there, imported from here by most of the code
 
 
 #: Largest image a NIfTI header may declare, in voxels (all axes, channels and time points multiplied): 2**31, i.e.
@@ -42,10 +45,6 @@ MAX_IMAGE_VOXELS = MAX_VOXELS
 MAX_IMAGE_DIM = MAX_DIM
 #: File name endings whose header :func:`check_nifti_header` reads (NIfTI-1/-2, plain or compressed).
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".nii.bz2", ".nii.zst")
-
-
-class ImageReadError(UserInputError):
-    """An image could not be read or has the wrong shape; the message names the file and the fix."""
 
 
 class ImageTooLargeError(ImageReadError):
@@ -124,14 +123,47 @@ def _paths(value: Any) -> list[str]:
     return []
 
 
-class LoadImageNamedd(LoadImaged):
-    """``LoadImaged`` that names the file and the fix in every failure.
+class _DicomDisplayFirst:
+    """The loader of :class:`LoadImageNamedd`: one single-frame DICOM file goes to
+    :class:`~ffcl_monai.data.dicom.DicomDisplayReader`, everything else (other formats, DICOM series folders,
+    multi-frame files, lists of files) to the wrapped MONAI ``LoadImage`` and its readers, as before."""
 
+    def __init__(self, loader: Any, dicom_reader: Any) -> None:
+        self.loader = loader
+        self.dicom_reader = dicom_reader
+
+    @property
+    def image_only(self) -> bool:
+        return self.loader.image_only
+
+    def register(self, reader: Any) -> None:
+        self.loader.register(reader)
+
+    def __call__(self, filename: Any, reader: Any = None) -> Any:
+        if self.dicom_reader.verify_suffix(filename):
+            return self.loader(filename, self.dicom_reader)
+        return self.loader(filename, reader)
+
+
+class LoadImageNamedd(LoadImaged):
+    """``LoadImaged`` that reads 2D DICOM as a viewer shows it and names the file and the fix in every failure.
+
+    - a single-frame DICOM file (``.dcm``/``.dicom``, or no suffix / a UID name and the ``DICM`` preamble) is read by
+      :func:`ffcl_monai.data.dicom.read_dicom_display` whichever MONAI reader is installed: BitsStored, Modality LUT,
+      VOI LUT or window (``dicom_window``: ``"auto"``, ``"none"`` or ``[center, width]``), MONOCHROME1 inverted,
+      scaled to [0, 1]; the image has MONAI's layout for 2D (channel first with ``ensure_channel_first``, axes
+      (x, y)) and no DICOM tags in its metadata. DICOM series (folders) and multi-frame files keep MONAI's reader;
     - NIfTI headers are checked first (:func:`check_nifti_header`): a declared shape above :data:`MAX_IMAGE_VOXELS` /
       :data:`MAX_IMAGE_DIM` raises :class:`ImageTooLargeError` without decoding the data;
     - missing, unreadable or truncated files raise :class:`ImageReadError`;
     - a loaded image with NaN or infinite values raises :class:`NonFiniteImageError`.
     """
+
+    def __init__(self, keys: KeysCollection, *args: Any, dicom_window: Any = "auto", **kwargs: Any) -> None:
+        from ffcl_monai.data.dicom import DicomDisplayReader
+
+        super().__init__(keys, *args, **kwargs)
+        self._loader = _DicomDisplayFirst(self._loader, DicomDisplayReader(dicom_window))
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
         files = {k: _paths(data[k]) for k in self.keys if k in data}
@@ -140,6 +172,8 @@ class LoadImageNamedd(LoadImaged):
                 check_nifti_header(name)
         try:
             d = super().__call__(data, reader)
+        except ImageReadError:
+            raise  # already names the file and the fix (DICOM reader)
         except Exception as e:
             shown = [n for names in files.values() for n in names] or [str(data.get(k)) for k in self.keys]
             raise ImageReadError(
@@ -303,18 +337,33 @@ def cached_dataset(
     num_workers: int | None = None,
     copy_cache: bool = True,
     runtime_cache: bool | str = False,
+    plan: Any = None,
 ) -> Dataset:
     """A MONAI ``CacheDataset`` (deterministic prefix cached once) whose build errors are readable.
 
     MONAI wraps transform errors in ``RuntimeError("applying transform ...")``; the user needs the file name and the
     fix, so the underlying :class:`ImageReadError` is re-raised on its own. ``cache_rate=0`` gives a plain Dataset
     (for debugging or data larger than RAM).
+
+    ``plan``: a :class:`ffcl_monai.data.cache_planner.CachePlan` (train.yaml's ``cache_plan``). Its ``ram`` mode is
+    the CacheDataset above with the plan's ``cache_rate``; ``partial`` and ``disk`` use the disk cache of
+    :mod:`ffcl_monai.data.disk_cache`, ``none`` a plain Dataset. None: ``cache_rate`` alone, as before plans existed.
     """
     if not isinstance(transform, Compose):
         transform = Compose(list(transform))
-    if cache_rate <= 0:
+    mode = getattr(plan, "mode", "ram")
+    if plan is not None:
+        cache_rate = plan.cache_rate if mode in ("ram", "partial") else 0.0
+    if mode == "none" or (mode == "ram" and cache_rate <= 0):
         return Dataset(data=list(data), transform=transform)
     try:
+        if mode in ("partial", "disk"):
+            from ffcl_monai.data.disk_cache import PartialCacheDataset, disk_dataset
+
+            if mode == "disk" or cache_rate <= 0:
+                return disk_dataset(data, transform, plan.cache_dir, plan.compact, num_workers)
+            return PartialCacheDataset(data, transform, cache_rate, plan.cache_dir, plan.compact, num_workers,
+                                       copy_cache, runtime_cache)
         return CacheDataset(
             data=list(data),
             transform=transform,
