@@ -303,3 +303,14 @@ def test_configs_pass_dicom_window_to_the_loader(config, tmp_path):
         load_t = parser.get_parsed_content("deterministic_transforms#0")
         assert type(load_t).__name__ == "LoadImageNamedd"
         np.testing.assert_allclose(load_t({"image": str(f)})["image"][0].numpy().T, expected, atol=1e-6)
+
+
+def test_loader_image_only_can_be_switched_like_monai_loadimage():
+    """MONAI Label's infer task sets ``image_only`` on the dict transform's loader; the DICOM-first wrapper forwards it
+    (it raised AttributeError, a 500 on every /infer)."""
+    from ffcl_monai.data.transforms import LoadImageNamedd
+
+    t = LoadImageNamedd("image", image_only=True)
+    t._loader.image_only = False
+    assert t._loader.image_only is False
+    assert t._loader.readers == t._loader.loader.readers

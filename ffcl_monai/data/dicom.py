@@ -221,9 +221,19 @@ def robust_unit(x: np.ndarray, percentiles: tuple[float, float] = PERCENTILES) -
     return np.clip((x - lo) / (hi - lo), 0.0, 1.0)
 
 
+def _pixel_luts() -> Any:
+    """pydicom's LUT functions: ``pydicom.pixels`` (pydicom 3), else ``pydicom.pixel_data_handlers.util`` (pydicom 2,
+    which MONAI Label 0.8.5's environment pins); same names and behaviour."""
+    try:
+        import pydicom.pixels as luts
+    except ImportError:
+        import pydicom.pixel_data_handlers.util as luts
+    return luts
+
+
 def _voi_lut(values: np.ndarray, ds: Any) -> np.ndarray:
     """The first VOI LUT Sequence item applied, scaled by the LUT's own output range to [0, 1]."""
-    from pydicom.pixels import apply_voi
+    apply_voi = _pixel_luts().apply_voi
 
     iv = np.rint(values).astype(np.int64) if not np.issubdtype(values.dtype, np.integer) else values
     out = apply_voi(iv, ds, index=0).astype(np.float64)
@@ -299,7 +309,7 @@ def load_dicom_display(path: str | os.PathLike, window: WindowSpec = "auto") -> 
                 if arr.ndim != 2:
                     raise _fail(name, f"monochrome pixel data of shape {tuple(arr.shape)}, not 2D",
                                 "Export a single-frame 2D image, or remove it")
-                from pydicom.pixels import apply_modality_lut
+                apply_modality_lut = _pixel_luts().apply_modality_lut
 
                 values = _stored_values(arr, bits_stored, int(ds.get("PixelRepresentation", 0) or 0) == 1)
                 values = apply_modality_lut(values, ds)
@@ -317,7 +327,7 @@ def load_dicom_display(path: str | os.PathLike, window: WindowSpec = "auto") -> 
                     out = 1.0 - out
             else:
                 if photometric == "PALETTE COLOR":
-                    from pydicom.pixels import apply_color_lut
+                    apply_color_lut = _pixel_luts().apply_color_lut
 
                     arr = apply_color_lut(arr, ds)
                 if arr.ndim != 3 or arr.shape[-1] != 3:

@@ -136,6 +136,13 @@ class _DicomDisplayFirst:
     def image_only(self) -> bool:
         return self.loader.image_only
 
+    @image_only.setter
+    def image_only(self, value: bool) -> None:  # MONAI Label's infer task switches it on the dict transform's loader
+        self.loader.image_only = value
+
+    def __getattr__(self, name: str) -> Any:  # anything else MONAI reads from LoadImage (readers, dtype, ...)
+        return getattr(self.__dict__["loader"], name)
+
     def register(self, reader: Any) -> None:
         self.loader.register(reader)
 
