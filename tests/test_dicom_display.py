@@ -314,3 +314,6 @@ def test_loader_image_only_can_be_switched_like_monai_loadimage():
     t._loader.image_only = False
     assert t._loader.image_only is False
     assert t._loader.readers == t._loader.loader.readers
+    import copy
+
+    assert copy.deepcopy(t)._loader.image_only is False  # copying probes attributes before __init__ ran

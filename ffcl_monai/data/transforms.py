@@ -141,7 +141,10 @@ class _DicomDisplayFirst:
         self.loader.image_only = value
 
     def __getattr__(self, name: str) -> Any:  # anything else MONAI reads from LoadImage (readers, dtype, ...)
-        return getattr(self.__dict__["loader"], name)
+        loader = self.__dict__.get("loader")
+        if loader is None:  # copy/pickle probe before __init__: the AttributeError they expect, not a KeyError
+            raise AttributeError(name)
+        return getattr(loader, name)
 
     def register(self, reader: Any) -> None:
         self.loader.register(reader)
