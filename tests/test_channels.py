@@ -84,6 +84,10 @@ def test_oct_overlay_trains_on_mixed_grey_and_rgb_files(tmp_path, capsys):
                backbone="resnet10", progress=False, log_model=False)
     resolved = json.loads((out / "config_resolved.json").read_text())
     assert resolved["image_size"] == [64, 128] and resolved["loss_name"] == "ce"
+    # keys computed from the datalist header are recorded with the values the run used, not only as expressions
+    values = resolved["resolved_values"]
+    assert values["task"] == "multiclass" and values["num_classes"] == 4
+    assert values["class_names"] == ["CNV", "DME", "DRUSEN", "NORMAL"]
     # task and classes came from the datalist header: a 4-way head, no --num_classes on the command line
     state = torch.load(out / "models" / "model.pt", weights_only=True)
     state = state.get("model", state)

@@ -24,7 +24,7 @@ from typing import Any
 from ffcl_monai.data.distributed import is_rank0
 from ffcl_monai.networks.checkpoints import atomic_write_text
 
-__all__ = ["running_parser", "registered_parser", "save_resolved_config", "save_dataset_summary"]
+__all__ = ["running_parser", "registered_parser", "save_resolved_config", "resolved_values", "save_dataset_summary"]
 
 _REGISTERED: list[Any] = []
 
@@ -69,8 +69,49 @@ def save_resolved_config(output_dir: str | os.PathLike, name: str = "config_reso
         return None
     parser = running_parser()
     content = parser.get() if parser is not None else {"argv": sys.argv}
+    if parser is not None and isinstance(content, dict):
+        content = {**content, "resolved_values": resolved_values(parser)}
     content = redact_values(json.loads(json.dumps(content, default=str)))  # plain JSON types, then redacted
     return str(atomic_write_text(Path(output_dir) / name, json.dumps(content, indent=2)))
+
+
+#: Top-level keys computed by pure functions (the datalist header's typed allow-list, literals) whose values are
+#: recorded even if nothing evaluated them before the record was written.
+RECORDED_KEYS = ("task", "num_classes", "class_names", "spatial_dims", "image_size", "in_channels", "volume_preset")
+
+
+def _plain(value: Any) -> bool:
+    """True for JSON scalars and lists/dicts of them (no tensors, networks, datasets)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+def resolved_values(parser: Any) -> dict[str, Any]:
+    """The values the run used for its top-level keys whose config text is an expression or a reference.
+
+    ``config_resolved.json`` keeps the config text, so ``task: $@header.get('task', 'binary')`` alone would not say
+    which task ran. Values come from the parser's cache of what was already evaluated (no side effects), plus
+    :data:`RECORDED_KEYS`, which are pure functions of the datalist header and literals; only plain JSON values are
+    kept.
+    """
+    resolver = parser.ref_resolver
+    for key in RECORDED_KEYS:
+        if key in parser.config and key not in resolver.resolved_content:
+            try:
+                parser.get_parsed_content(key)
+            except Exception:  # noqa: BLE001 - a record must never stop the run; the key is then just not listed
+                continue
+    out: dict[str, Any] = {}
+    for key, value in resolver.resolved_content.items():
+        raw = parser.config.get(key) if "#" not in key and isinstance(parser.config, dict) else None
+        if isinstance(raw, str) and raw[:1] in ("$", "@", "%") and _plain(value):
+            out[key] = value
+    return dict(sorted(out.items()))
 
 
 def save_dataset_summary(output_dir: str | os.PathLike, datalist: str, class_names: list[str] | None = None) -> str | None:
