@@ -317,3 +317,21 @@ def test_loader_image_only_can_be_switched_like_monai_loadimage():
     import copy
 
     assert copy.deepcopy(t)._loader.image_only is False  # copying probes attributes before __init__ ran
+
+
+@pytest.mark.parametrize("name", ["JPEG-LL.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm"])
+def test_jpeg_lossless_dicom_is_decoded(name):
+    """JPEG Lossless (process 14), the usual compression of CR/DX exports, needs a decoder pydicom lacks by itself:
+    python-gdcm, a core dependency. Without it the read stops with a DicomReadError naming the file."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from ffcl_monai.data.dicom import load_dicom_display
+
+    f = get_testdata_file(name)
+    ds = pydicom.dcmread(f, stop_before_pixels=True)
+    assert "Lossless" in ds.file_meta.TransferSyntaxUID.name  # really a compressed lossless file
+    out = load_dicom_display(f)
+    assert out.pixels.shape == (ds.Rows, ds.Columns)
+    assert 0.0 <= float(out.pixels.min()) and float(out.pixels.max()) <= 1.0
+    assert float(out.pixels.std()) > 0.05  # an image, not a blank sheet

@@ -299,9 +299,10 @@ def load_dicom_display(path: str | os.PathLike, window: WindowSpec = "auto") -> 
                 raise _fail(name, f"pydicom cannot decode its pixel data (transfer syntax "
                             f"{getattr(syntax, 'name', None) or syntax or 'unknown'}: {type(e).__name__}: "
                             f"{redact(str(e), ds).splitlines()[0][:200] if str(e) else ''})",
-                            "Install the decoder pydicom names (e.g. `pip install pylibjpeg pylibjpeg-libjpeg "
-                            "pylibjpeg-openjpeg` for JPEG / JPEG-LS / JPEG 2000), or decompress the file (e.g. dcmtk "
-                            "`dcmdjpeg`, gdcm `gdcmconv --raw`)") from None
+                            "ffcl-monai installs python-gdcm for JPEG / JPEG Lossless / JPEG-LS / JPEG 2000: check "
+                            "that `import gdcm` works in this environment (`pip install python-gdcm`), or install the "
+                            "decoder pydicom names, or decompress the file (dcmtk `dcmdjpeg`, gdcm `gdcmconv --raw`)"
+                            ) from None
             bits_stored = int(ds.get("BitsStored", 0) or arr.dtype.itemsize * 8)
             spacing = _spacing(ds)
             voi, applied = "none", None
