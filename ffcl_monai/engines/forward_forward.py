@@ -18,6 +18,9 @@ Negatives (key ``negatives``):
     - ``hard``: the wrong label with the highest current goodness (Hinton 2022 s.3.3).
     - ``other_sample``: another sample's image with this sample's label, seed 003's ``x_i*`` (Eq. 3.3, ``j != i``);
       we also require a different class when the batch has one, otherwise the "negative" would be positive data.
+    - ``shuffled_label``: the batch's labels in a random order, seed 002's ``tf.random.shuffle(y)`` (and
+      mpezeshki's ``y[randperm]``). About ``sum_c p_c^2`` of these are the true label (1/m for balanced classes), so
+      that share of the "negatives" is positive data; kept to reproduce seed 002 (``seed002_ff.yaml``).
 
 ``engine.state.output`` is MONAI's ``{"image", "label", "pred", "loss"}`` plus ``layer{l}_loss``, ``layer{l}_g_pos``
 and ``layer{l}_g_neg`` of the layers trained in the step; at every epoch end ``engine.state.metrics`` holds ``loss``
@@ -63,6 +66,7 @@ __all__ = [
     "TensorBatches",
     "shift_augment",
     "wrong_labels",
+    "shuffled_labels",
     "hard_labels",
     "other_sample_index",
     "create_ff_trainer",
@@ -74,7 +78,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SCHEDULES = ("greedy", "simultaneous")
-NEGATIVES = ("wrong_label", "hard", "other_sample")
+NEGATIVES = ("wrong_label", "hard", "other_sample", "shuffled_label")
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -159,6 +163,11 @@ def wrong_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return (y + torch.randint(1, num_classes, y.shape, device=y.device)) % num_classes
 
 
+def shuffled_labels(y: torch.Tensor) -> torch.Tensor:
+    """The batch's labels in a random order (seed 002: ``random_y = tf.random.shuffle(y)``); may equal ``y``."""
+    return y[torch.randperm(y.shape[0], device=y.device)]
+
+
 def hard_labels(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The wrong label with the highest goodness score: ``scores (B, m)``, ``y (B,)`` -> ``(B,)``."""
     masked = scores.masked_fill(F.one_hot(y.long(), scores.shape[1]).bool(), float("-inf"))
@@ -218,7 +227,7 @@ def create_ff_trainer(
         epochs_per_layer: greedy epochs per layer (ignored by ``simultaneous``; run that for any ``max_epochs``).
         loss: name in :data:`~ffcl_monai.losses.forward_forward.FF_LOSSES`.
         threshold: ``theta``.
-        negatives: ``"wrong_label"``, ``"hard"`` or ``"other_sample"``.
+        negatives: ``"wrong_label"``, ``"hard"``, ``"other_sample"`` or ``"shuffled_label"`` (module docstring).
         skip_first: skip the first layer when scoring labels for hard negatives (as in prediction).
         hard_layers: score hard negatives with the first ``hard_layers`` layers only (0 = every layer trained so
             far). ``1`` is almost free: the factorised first layer gives all ``m`` labels for the price of one.
@@ -283,6 +292,8 @@ def create_ff_trainer(
                 upto = top if hard_layers <= 0 else min(hard_layers - 1, top)
                 if negatives == "wrong_label":
                     y_neg = wrong_labels(y, m)
+                elif negatives == "shuffled_label":
+                    y_neg = shuffled_labels(y)
                 elif upto == 0 and first == 0:
                     # hard, scored by layer 0 alone: its all-label activations (one D x H product) also serve as the
                     # positive/negative pair of the training step, so the image product is computed once
