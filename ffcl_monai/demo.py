@@ -46,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     test = out / "evaluate_test"
     result = json.loads((test / "metrics.json").read_text())
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlruns.db'}"
-    print("\nDemo test metrics (n={}):\n{}".format(result["n"], format_metrics_table(result["metrics"])))
-    print(f"\nFiles: {test}/metrics.json, predictions.csv, roc.png, confusion_matrix.png; "
+    print("\nDemo test metrics (n={}):\n{}".format(result["n"], format_metrics_table(
+        result["metrics"], operating_point=result.get("operating_point"), calibration=result.get("calibration"))))
+    print(f"\nFiles: {test}/metrics.json, predictions.csv, roc.png, confusion_matrix.png, "
+          "reliability.png; "
           f"{out}/finetune/training_curves.png, models/model.pt")
     print(f"MLflow UI: mlflow ui --backend-store-uri {redact_uri(uri)}")
     return 0

@@ -68,3 +68,28 @@ def test_auc_keeps_its_resolution_when_softmax_saturates():
     metric = ClassificationMetrics(task="binary", class_names=["a", "b"])
     metric.update((logits, labels))
     assert metric.compute() == pytest.approx(roc_auc_score(labels.numpy(), margin.numpy()))
+
+
+def test_metrics_at_given_predictions_match_sklearn():
+    """`pred` (e.g. decisions at a validation-chosen threshold) replaces argmax for accuracy/F1/precision/recall;
+    the AUC stays threshold-free."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 120)
+    logits = rng.normal(size=(120, 2)) + 1.2 * np.eye(2)[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    pred = (probs[:, 1] >= 0.3).astype(int)   # a lower threshold than argmax's 0.5
+    assert (pred != probs.argmax(1)).any()
+    m = classification_metrics(probs, labels, "binary", pred=pred)
+    assert m["accuracy"] == pytest.approx(accuracy_score(labels, pred))
+    assert m["f1"] == pytest.approx(f1_score(labels, pred, average="macro"), abs=1e-6)
+    assert m["precision"] == pytest.approx(precision_score(labels, pred, average="macro"), abs=1e-6)
+    assert m["recall"] == pytest.approx(recall_score(labels, pred, average="macro"), abs=1e-6)
+    assert m["auc"] == pytest.approx(roc_auc_score(labels, probs[:, 1]), abs=1e-6)
+    ci = bootstrap_ci(probs, labels, "binary", n_bootstrap=50, pred=pred)
+    assert ci["accuracy"]["value"] == pytest.approx(accuracy_score(labels, pred))
+    assert ci["accuracy"]["ci_low"] <= ci["accuracy"]["value"] <= ci["accuracy"]["ci_high"]
+    with pytest.raises(ValueError, match="pred"):
+        classification_metrics(probs, labels, "binary", pred=pred[:10])
+    # without the AUCs: the same numbers, no auc keys
+    no_auc = classification_metrics(probs, labels, "binary", pred=pred, with_auc=False)
+    assert no_auc == {k: v for k, v in m.items() if not k.startswith("auc")}

@@ -9,6 +9,10 @@ test reports and ablation tables agree:
   macro AUC of a softmax pair); multi-class and multi-label report the macro mean; ``auc_<class>`` per class;
 - the confusion matrix (counts) for plots.
 
+Single-label decisions are the argmax (for a binary softmax pair: P(positive) > 0.5) unless ``pred`` gives them, e.g.
+the decisions at a threshold chosen on the validation split (:mod:`ffcl_monai.evaluation.operating_point`); the AUCs
+never depend on a decision.
+
 Multi-label targets use -1 for "ignore" (CheXpert's uncertain labels under ``--uncertain ignore``): those entries
 are left out of every per-label number.
 """
@@ -66,6 +70,8 @@ def classification_metrics(
     task: str,
     class_names: Sequence[str] | None = None,
     scores: np.ndarray | None = None,
+    pred: np.ndarray | None = None,
+    with_auc: bool = True,
 ) -> dict[str, float]:
     """All reported metrics for one set of predictions.
 
@@ -77,6 +83,9 @@ def classification_metrics(
         scores: (N, C) ranking scores for the AUCs, default ``probs``. Pass log-odds
             (:func:`log_odds`): a confident float32 softmax saturates at exactly 1.0, which turns every
             confident prediction into a tie and drags the AUC towards 0.5.
+        pred: (N,) predicted class per image for accuracy, F1, precision and recall (single-label tasks), default
+            the argmax of ``probs``. Pass the decisions at a chosen operating point to score that point.
+        with_auc: False leaves out the AUC keys (threshold-free, and three quarters of a bootstrap's time).
     """
     probs = np.asarray(probs, dtype=np.float64)
     scores = probs if scores is None else np.asarray(scores, dtype=np.float64)
@@ -91,32 +100,40 @@ def classification_metrics(
         for j in range(c):
             m = mask[:, j]
             y, p, s = labels[m, j].astype(np.float64), pred[m, j], scores[m, j]
-            per_auc.append(_auc(s, y))
+            per_auc.append(_auc(s, y) if with_auc else float("nan"))
             per_acc.append(float((p == y).mean()) if m.any() else float("nan"))
             tp_fp_tn_fn.append(
                 [((p == 1) & (y == 1)).sum(), ((p == 1) & (y == 0)).sum(), ((p == 0) & (y == 0)).sum(), ((p == 0) & (y == 1)).sum()]
             )
         counts = torch.as_tensor(np.array(tp_fp_tn_fn, dtype=np.float64))
         out["accuracy"] = float(np.nanmean(per_acc))
-        for j, name in enumerate(names):
-            out[f"auc_{name}"] = per_auc[j]
-        out["auc"] = float(np.nanmean(per_auc)) if not all(math.isnan(a) for a in per_auc) else float("nan")
+        if with_auc:
+            for j, name in enumerate(names):
+                out[f"auc_{name}"] = per_auc[j]
+            out["auc"] = float(np.nanmean(per_auc)) if not all(math.isnan(a) for a in per_auc) else float("nan")
     else:
         y = labels.astype(int)
-        pred = probs.argmax(axis=1)
+        if pred is None:
+            pred = probs.argmax(axis=1)
+        else:
+            pred = np.asarray(pred).astype(int).reshape(-1)
+            if pred.shape != y.shape or ((pred < 0) | (pred >= c)).any():
+                raise ValueError(f"`pred` must hold one class index in [0, {c}) per image ({len(y)}), "
+                                 f"got shape {pred.shape}.")
         y_onehot = np.eye(c)[y]
         counts = _per_class_counts(np.eye(c)[pred], y_onehot)
         out["accuracy"] = float((pred == y).mean())
-        per_auc = [_auc(scores[:, j], y_onehot[:, j]) for j in range(c)]
-        for j, name in enumerate(names):
-            out[f"auc_{name}"] = per_auc[j]
-        if task == "binary" and c == 2:
-            out["auc"] = per_auc[1]
-        elif c == 1:
-            out["auc"] = per_auc[0]
-        else:
-            valid = [a for a in per_auc if not math.isnan(a)]
-            out["auc"] = float(np.mean(valid)) if valid else float("nan")
+        if with_auc:
+            per_auc = [_auc(scores[:, j], y_onehot[:, j]) for j in range(c)]
+            for j, name in enumerate(names):
+                out[f"auc_{name}"] = per_auc[j]
+            if task == "binary" and c == 2:
+                out["auc"] = per_auc[1]
+            elif c == 1:
+                out["auc"] = per_auc[0]
+            else:
+                valid = [a for a in per_auc if not math.isnan(a)]
+                out["auc"] = float(np.mean(valid)) if valid else float("nan")
     out["f1"] = _macro("f1 score", counts)
     out["precision"] = _macro("precision", counts)
     out["recall"] = _macro("sensitivity", counts)
@@ -132,19 +149,26 @@ def bootstrap_ci(
     seed: int = 0,
     alpha: float = 0.05,
     scores: np.ndarray | None = None,
+    pred: np.ndarray | None = None,
+    with_auc: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Point estimates with percentile bootstrap (1 - alpha) confidence intervals, resampling images.
+
+    ``pred``: fixed decisions per image (see :func:`classification_metrics`), resampled with the images; with the
+    same ``seed`` two calls draw the same resamples, so intervals at two operating points are paired. ``with_auc``:
+    as in :func:`classification_metrics`.
 
     Returns:
         ``{metric: {"value": v, "ci_low": lo, "ci_high": hi}}`` for every metric of :func:`classification_metrics`.
     """
-    point = classification_metrics(probs, labels, task, class_names, scores)
+    point = classification_metrics(probs, labels, task, class_names, scores, pred, with_auc)
     rng = np.random.default_rng(seed)
     n = len(labels)
     samples: dict[str, list[float]] = {k: [] for k in point}
     for _ in range(n_bootstrap):
         idx = rng.integers(0, n, size=n)
-        m = classification_metrics(probs[idx], labels[idx], task, class_names, None if scores is None else scores[idx])
+        m = classification_metrics(probs[idx], labels[idx], task, class_names, None if scores is None else scores[idx],
+                                   None if pred is None else np.asarray(pred)[idx], with_auc)
         for k, v in m.items():
             samples[k].append(v)
     result = {}

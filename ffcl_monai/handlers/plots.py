@@ -1,4 +1,5 @@
-"""PNG plots that people would rather look at than read: ROC curves, confusion matrices, training curves."""
+"""PNG plots that people would rather look at than read: ROC curves, confusion matrices, reliability diagrams,
+training curves."""
 
 from __future__ import annotations
 
@@ -54,6 +55,55 @@ def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: str | os.Pa
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("confusion matrix")
+    return _save(fig, path)
+
+
+def plot_reliability(
+    bins: Sequence[Mapping[str, float | int | None]],
+    path: str | os.PathLike,
+    ece: float,
+    kind: str = "top-label",
+    bins_after: Sequence[Mapping[str, float | int | None]] | None = None,
+    ece_after: float | None = None,
+    temperature: float | None = None,
+    positive_class: str | None = None,
+) -> Path:
+    """Reliability diagram (Guo et al. 2017, Fig. 1): observed frequency against mean confidence per bin, the
+    diagonal of perfect calibration, ECE in the legend; below, how many images fall in each bin.
+
+    Args:
+        bins: :func:`ffcl_monai.evaluation.operating_point.expected_calibration_error` bins (lower, upper, count,
+            confidence, accuracy; empty bins have ``None`` and are skipped).
+        ece, kind: the ECE and what it measures (``positive-class``, ``top-label``, ``per-label pooled``).
+        bins_after, ece_after, temperature: the same after temperature scaling, drawn on top when given.
+        positive_class: axis labels of a binary diagram name it.
+    """
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5, 6), dpi=110, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    width = [b["upper"] - b["lower"] for b in bins]
+    centre = [(b["upper"] + b["lower"]) / 2 for b in bins]
+    filled = [b for b in bins if b["count"]]
+    ax.bar([(b["upper"] + b["lower"]) / 2 for b in filled], [b["accuracy"] for b in filled],
+           width=[b["upper"] - b["lower"] for b in filled], color="tab:blue", alpha=0.35, edgecolor="tab:blue",
+           label=f"uncalibrated (ECE {ece:.3f})")
+    ax.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], "o-", color="tab:blue", ms=4)
+    if bins_after is not None:
+        after = [b for b in bins_after if b["count"]]
+        ax.plot([b["confidence"] for b in after], [b["accuracy"] for b in after], "s-", color="tab:orange", ms=4,
+                label=f"temperature T={temperature:.3g} (ECE {ece_after:.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    if kind == "positive-class":
+        name = positive_class or "positive class"
+        ax.set_ylabel(f"observed frequency of {name}")
+        hist.set_xlabel(f"predicted probability of {name}")
+    else:
+        ax.set_ylabel("accuracy" if kind == "top-label" else "observed frequency")
+        hist.set_xlabel("confidence (top-label probability)" if kind == "top-label" else "predicted probability")
+    ax.set_title(f"reliability ({kind}, {len(bins)} bins)")
+    ax.legend(loc="upper left", fontsize=8)
+    hist.bar(centre, [b["count"] for b in bins], width=width, color="grey", edgecolor="white")
+    hist.set_ylabel("count")
     return _save(fig, path)
 
 

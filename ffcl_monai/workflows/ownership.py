@@ -109,7 +109,7 @@ MOVED_ON_OVERWRITE: tuple[str, ...] = (
     "state.json", "summary.json", "metrics.json",
     "config_resolved.json", "dataset_summary.json", "inference.json", "inference.csv", "predictions.csv",
     "training_curves.png", "goodness.png", "view_pairs.png", "roc.png", "confusion_matrix.png",
-    "gradcam_grid.png", "embedding_monitor.png",
+    "gradcam_grid.png", "embedding_monitor.png", "reliability.png",
 )
 
 
