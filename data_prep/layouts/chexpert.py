@@ -8,6 +8,10 @@ Uncertainty policies (``--uncertain``), as in the CheXpert paper:
 * ``class`` (U-MultiClass): uncertainty becomes its own output. ``label`` has 28 entries: the 14 observations
   (1 = positive) followed by 14 "<observation> (uncertain)" flags, so a plain multi-label BCE head can learn it.
 
+``--metadata`` adds ``sex`` (0 female / 1 male), ``age`` (years) and ``view`` (0 AP / 1 PA / 2 LATERAL, shared with
+the nih layout) to each entry, null when unknown. The view keeps all three; the training configs pick seed 004's
+frontal-vs-lateral target (default), AP vs PA or all three from it with ``view_target``.
+
 ``valid.csv`` (radiologist consensus labels, 234 images) becomes the test split by default (``--valid-as``), and a
 patient-grouped validation split is carved from ``train.csv``. Patient IDs come from ``patientNNNNN`` in the path.
 """
@@ -19,7 +23,7 @@ import re
 from pathlib import Path
 
 from ..common import LayoutError, Record, Scan
-from ._csvutil import SEX_NAMES, VIEW_NAMES, parse_float, parse_sex, read_csv, view_code
+from ._csvutil import SEX_NAMES, VIEW_NAMES, parse_float, parse_sex, read_csv, view_code, warn_if_frontal_only
 
 OBSERVATIONS = [
     "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
@@ -36,14 +40,16 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         description="CheXpert (SRC holds train.csv and valid.csv; image paths in the CSV are resolved against SRC and "
                     "its parent) -> multi-label datalist.",
         epilog="example: python -m data_prep chexpert ~/data/CheXpert-v1.0-small --out chexpert/u_ignore.json "
-               "--uncertain ignore --frontal-only --metadata",
+               "--uncertain ignore --metadata",
     )
     p.add_argument("--uncertain", choices=("ignore", "ones", "zeros", "class"), default="ignore",
                    help="uncertain (-1) labels: ignore = mask out of the loss (default), ones, zeros, or class "
                         "(extra 'uncertain' outputs)")
     p.add_argument("--frontal-only", action="store_true", help="keep frontal views only")
     p.add_argument("--metadata", action="store_true",
-                   help="add sex (0/1), age (years) and view (AP/PA/LATERAL code) to each entry for auxiliary tasks")
+                   help="add sex (0/1), age (years) and view (0 AP / 1 PA / 2 LATERAL) to each entry for auxiliary "
+                        "tasks; the training configs' view_target picks frontal vs lateral (default), AP vs PA or all "
+                        "three")
     p.add_argument("--valid-as", choices=("test", "validation"), default="test",
                    help="split that valid.csv becomes (default test; validation is then carved from train.csv)")
     p.add_argument("--val-count", type=int, default=None, help="images carved from train.csv for validation")
@@ -121,6 +127,8 @@ def scan(args: argparse.Namespace) -> Scan:
     if args.uncertain == "class":
         names += [f"{n} (uncertain)" for n in OBSERVATIONS]
     extra = {"sex_names": SEX_NAMES, "view_names": VIEW_NAMES} if args.metadata else {}
+    if args.metadata:
+        warn_if_frontal_only(records, "chexpert")
     extra["uncertain_policy"] = args.uncertain
     return Scan(
         layout="chexpert", records=records, class_names=names, task="multilabel", spatial_dims=2, modality="CXR",

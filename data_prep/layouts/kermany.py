@@ -3,6 +3,11 @@
 Kermany pediatric chest X-ray: NORMAL / PNEUMONIA, with bacteria/virus and the patient in the file names:
 ``personN_bacteria_M.jpeg``, ``personN_virus_M.jpeg`` (patient ``personN``), ``IM-XXXX-YYYY.jpeg`` (patient
 ``IM-XXXX``), ``NORMAL2-IM-XXXX-YYYY.jpeg`` (patient ``NORMAL2-IM-XXXX``).
+``--metadata`` adds ``pathogen`` to every Kermany entry (0 NORMAL, 1 BACTERIA, 2 VIRUS, from the folder and the file
+name; null for a pneumonia file whose name says neither) and ``pathogen_names`` to the header: an auxiliary target
+for seed 004's multi-task fine-tuning (``bundle/configs/multitask.yaml``). The main label and the splits do not
+change (validation is stratified by NORMAL/BACTERIA/VIRUS with or without it). It is almost the main label
+(PNEUMONIA = BACTERIA or VIRUS): only the bacteria-vs-virus split is information the binary label lacks.
 OCT2017: CNV / DME / DRUSEN / NORMAL with ``CLASS-PATIENT-N.jpeg`` names (patient = the middle number, which is
 shared across classes: one patient can have a CNV scan and a NORMAL scan).
 """
@@ -15,6 +20,9 @@ from pathlib import Path
 
 from ..common import LayoutError, Record, Scan, log
 from ._split_folders import scan_split_tree
+
+#: ``pathogen`` codes of ``--metadata`` (also the classes of ``--classes 3``)
+PATHOGEN_NAMES = {"0": "NORMAL", "1": "BACTERIA", "2": "VIRUS"}
 
 KERMANY_PATTERNS = [
     re.compile(r"^(?P<patient>person\d+)_(?P<kind>bacteria|virus)_\d+(?:_\d+)?\.jpe?g$", re.I),
@@ -45,6 +53,9 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     )
     p.add_argument("--classes", type=int, choices=(2, 3), default=2,
                    help="2: NORMAL/PNEUMONIA (default); 3: NORMAL/BACTERIA/VIRUS from the file names")
+    p.add_argument("--metadata", action="store_true",
+                   help="add `pathogen` (0 normal, 1 bacteria, 2 virus, from the file names) to each entry as an "
+                        "auxiliary target; the label and the splits stay as they are")
     add_split_options(p, "Default: 262, the FFCL paper's choice.")
     p.set_defaults(scan=scan_kermany, default_val_count=262)
 
@@ -89,6 +100,7 @@ def scan_kermany(args: argparse.Namespace) -> Scan:
     )
     items, official = _official(args, items, splits)
     _apply_default_val(args, official)
+    metadata = bool(getattr(args, "metadata", False))
     records: list[Record] = []
     unknown: list[str] = []
     for split, cname, f in items:
@@ -108,20 +120,31 @@ def scan_kermany(args: argparse.Namespace) -> Scan:
                 "use --classes 2 or rename the file in a copy of SRC"
             )
         label = (0 if cname == "NORMAL" else 1) if args.classes == 2 else sub
+        meta = {"pathogen": sub} if metadata else {}
         records.append(Record(path=f.absolute(), label=label, patient=m.group("patient").lower() if m else None,
-                              split=split, stratum=sub if sub is not None else label))
+                              split=split, stratum=sub if sub is not None else label, meta=meta))
     if unknown:
         log.warning(f"kermany: {len(unknown)} file name(s) without a recognisable patient ID; each is treated as its "
                     f"own patient, e.g. {unknown[0]}")
     names = ["NORMAL", "PNEUMONIA"] if args.classes == 2 else ["NORMAL", "BACTERIA", "VIRUS"]
+    extra: dict = {}
+    if metadata:
+        extra["pathogen_names"] = dict(PATHOGEN_NAMES)
+        unnamed = sum(1 for r in records if r.meta["pathogen"] is None)
+        if unnamed:
+            log.warning(f"kermany --metadata: {unnamed} PNEUMONIA file name(s) say neither bacteria nor virus; their "
+                        "`pathogen` is null (masked out of an auxiliary loss)")
+        if args.classes == 3:
+            log.warning("kermany --metadata with --classes 3: `pathogen` equals the label; as an auxiliary target it "
+                        "would only repeat it")
     return Scan(
         layout="kermany", records=records, class_names=names,
         task="binary" if args.classes == 2 else "multiclass", spatial_dims=2, modality="CXR",
         description="Kermany pediatric chest X-ray (Kermany, Zhang, Goldbaum, Mendeley Data v2, "
                     "doi:10.17632/rscbjbr9sj.2, CC BY 4.0)",
-        options={"classes": args.classes, "official_val": args.official_val,
+        options={"classes": args.classes, "official_val": args.official_val, "metadata": metadata,
                  "stratified_by": "NORMAL/BACTERIA/VIRUS", "unrecognised_patient_ids": len(unknown)},
-        official=official,
+        header_extra=extra, official=official,
     )
 
 

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from ..common import ID_FROM_CSV, LayoutError, Record, Scan, log
-from ._csvutil import SEX_NAMES, VIEW_NAMES, parse_float, parse_sex, read_csv, view_code
+from ._csvutil import SEX_NAMES, VIEW_NAMES, parse_float, parse_sex, read_csv, view_code, warn_if_frontal_only
 
 FINDINGS = [
     "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
@@ -32,7 +32,10 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         epilog="example: python -m data_prep nih ~/data/ChestXray-NIHCC --out nih/nih.json --metadata",
     )
     p.add_argument("--no-finding-label", action="store_true", help="add 'No Finding' as a 15th label")
-    p.add_argument("--metadata", action="store_true", help="add sex, age and view (AP/PA) to each entry")
+    p.add_argument("--metadata", action="store_true",
+                   help="add sex (0/1), age (years) and view (0 AP / 1 PA, the codes of chexpert's 0 AP / 1 PA / "
+                        "2 LATERAL) to each entry for auxiliary tasks; NIH is frontal-only: train the view as AP vs PA "
+                        "(--view_target ap_pa)")
     p.add_argument("--frontal-only", action="store_true", help="accepted for symmetry with chexpert (NIH is frontal)")
     p.add_argument("--val-count", type=int, default=None, help="images carved from train_val for validation")
     p.add_argument("--val-fraction", type=float, default=None, help="fraction carved (default 0.1)")
@@ -111,6 +114,8 @@ def scan(args: argparse.Namespace) -> Scan:
         log.warning(f"nih: {not_listed} CSV row(s) are in neither train_val_list.txt nor test_list.txt and were left "
                     "out")
     extra = {"sex_names": SEX_NAMES, "view_names": VIEW_NAMES} if args.metadata else {}
+    if args.metadata:
+        warn_if_frontal_only(records, "nih")
     return Scan(
         layout="nih", records=records, class_names=names, task="multilabel", spatial_dims=2, modality="CXR",
         description="NIH ChestX-ray14 (Wang et al., CVPR 2017), NIH Clinical Center; cite the dataset when used",

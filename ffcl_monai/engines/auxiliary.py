@@ -1,7 +1,10 @@
-"""Auxiliary-target supervised pretraining (seed 004, Awatramani et al., "In-domain Model Pre-training for Chest
-X-Rays", Sec. 4.1/5.1): a backbone learns to predict metadata carried in the datalist -- e.g. view (cross-entropy),
-sex (binary cross-entropy) and age (smooth L1) -- and is then fine-tuned on the target labels with train.yaml's
-``pretrained_ckpt``.
+"""Auxiliary targets (seed 004, Awatramani et al., "In-domain Model Pre-training for Chest X-Rays"):
+
+- :class:`AuxiliaryTrainer`, pretraining (Sec. 4.1/5.1): a backbone learns to predict metadata carried in the
+  datalist -- e.g. view (cross-entropy), sex (binary cross-entropy) and age (smooth L1) -- and is then fine-tuned on
+  the target labels with train.yaml's ``pretrained_ckpt``;
+- :class:`MultiTaskTrainer`, fine-tuning with auxiliary losses (Sec. 5.2): the pathology loss plus the weighted
+  auxiliary losses, on :class:`~ffcl_monai.networks.classifier.MultiTaskClassifier` (``bundle/configs/multitask.yaml``).
 
 Missing metadata (``null`` in the datalist) becomes NaN (:class:`~ffcl_monai.data.transforms.MetadataToTensord`) and
 is masked out of its head's loss (:class:`ffcl_monai.losses.auxiliary.MaskedMultiHeadLoss`), so images with partial
@@ -20,9 +23,9 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ffcl_monai.engines.base import BaseTrainer, plain
-from ffcl_monai.losses.auxiliary import MaskedMultiHeadLoss
+from ffcl_monai.losses.auxiliary import MaskedMultiHeadLoss, MultiTaskLoss
 
-__all__ = ["AuxiliaryTrainer", "PrepareTargetsBatch"]
+__all__ = ["AuxiliaryTrainer", "MultiTaskTrainer", "PrepareTargetsBatch"]
 
 
 class PrepareTargetsBatch:
@@ -90,4 +93,64 @@ class AuxiliaryTrainer(BaseTrainer):
         for name in self.loss_function.heads:
             report[f"loss_{name}"] = self.loss_function.last.get(f"loss_{name}", float("nan"))
             report[f"known_{name}"] = self.loss_function.last.get(f"known_{name}", 0.0)
+        return loss, report
+
+
+class MultiTaskTrainer(BaseTrainer):
+    """Fine-tuning with auxiliary losses (seed 004, Sec. 5.2), a :class:`~ffcl_monai.engines.base.BaseTrainer`.
+
+    The batch carries the pathology label and the auxiliary targets: ``prepare_batch`` (default
+    :class:`PrepareTargetsBatch` over ``label_key`` and the loss's heads) gives ``(image, {label, field: target})``,
+    so MONAI handlers see ``engine.state.output["label"]`` as that mapping. ``network(image) -> {label: logits,
+    field: prediction}`` (:class:`~ffcl_monai.networks.classifier.MultiTaskClassifier`); ``loss_function(preds,
+    targets)`` is a :class:`~ffcl_monai.losses.auxiliary.MultiTaskLoss`. Output: MONAI's ``image``/``label``/
+    ``pred``/``loss``, plus ``loss_<label_key>`` (the pathology loss alone) and ``loss_<field>``/``known_<field>`` per
+    auxiliary head. At every epoch end: ``task_loss`` (mean pathology loss per sample), ``aux_loss_<field>`` (mean
+    over the samples with a known target), ``lr``, ``skipped_steps``.
+
+    Validation, model selection and the saved model stay the pathology classifier: the config's evaluator and
+    checkpoint savers hold the plain classifier inside the multi-task network, never this trainer's network.
+    """
+
+    missing_targets_message = "multi-task fine-tuning needs `label` and the auxiliary targets in every batch."
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        network: nn.Module,
+        optimizer: Optimizer,
+        loss_function: MultiTaskLoss,
+        image_key: str = "image",
+        prepare_batch: Callable | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.image_key = image_key
+        self.label_key = loss_function.label_key
+        heads = list(loss_function.heads)
+        names = {f"loss_{self.label_key}": "task_loss", **{f"loss_{h}": f"aux_loss_{h}" for h in heads}}
+        super().__init__(
+            device, max_epochs, train_data_loader, network, optimizer, loss_function,
+            prepare_batch=(prepare_batch if prepare_batch is not None
+                           else PrepareTargetsBatch(image_key, [self.label_key, *heads])),
+            epoch_metrics=names,
+            # per head, weighted by its known targets (the pathology loss by the batch size)
+            epoch_metric_weights=lambda key: f"known_{key[len('loss_'):]}",
+            **kwargs,
+        )
+
+    def compute_loss(self, pred: Any, targets: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        if self.label_key not in targets:
+            raise ValueError(self.missing_targets_message)
+        loss = self.loss_function(pred, targets)
+        last = self.loss_function.last
+        report: dict[str, Any] = {
+            "loss": loss.detach(),
+            f"loss_{self.label_key}": last[f"loss_{self.label_key}"],
+            f"known_{self.label_key}": float(len(targets[self.label_key])),
+        }
+        for name in self.loss_function.heads:
+            report[f"loss_{name}"] = last.get(f"loss_{name}", float("nan"))
+            report[f"known_{name}"] = last.get(f"known_{name}", 0.0)
         return loss, report

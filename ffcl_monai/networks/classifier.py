@@ -3,9 +3,15 @@
 The state dict has two parts, ``backbone.*`` and ``head.*``. Pretraining workflows save the backbone alone, which
 :func:`ffcl_monai.networks.checkpoints.load_backbone` loads into ``Classifier.backbone``. The train/evaluate/inference
 configs build the network with :func:`prepare_network` and optimise :func:`trainable_parameters`.
+
+:class:`MultiTaskClassifier` (``bundle/configs/multitask.yaml``, seed 004 Sec. 5.2) adds auxiliary heads to a
+Classifier for training only: it holds the Classifier itself, so validation, the best-model checkpoint and the served
+model stay that Classifier, shape and state-dict keys unchanged.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -54,6 +60,46 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.backbone(x)))
+
+
+class MultiTaskClassifier(nn.Module):
+    """A :class:`Classifier` plus one linear head per auxiliary target on the same pooled features (training only).
+
+    ``forward(x)`` returns ``{label_key: the classifier's logits, field: head output}`` from one backbone pass; the
+    logits equal ``classifier(x)`` (same backbone, dropout and head modules, not copies). The state dict is
+    ``classifier.*`` and ``aux_heads.*`` (what the resume checkpoint holds); the classifier's own state dict, the
+    served model, has no trace of the auxiliary heads.
+
+    Args:
+        classifier: the built Classifier (train.yaml's ``network``), trained together with the heads.
+        heads: ``{field: number of outputs}`` (:func:`ffcl_monai.networks.projection.head_outputs` of the resolved
+            ``aux_heads``).
+        label_key: the output key of the pathology logits (the batch key of the label).
+    """
+
+    def __init__(self, classifier: Classifier, heads: Mapping[str, int], label_key: str = "label") -> None:
+        super().__init__()
+        if not isinstance(classifier, Classifier):
+            raise TypeError(
+                f"MultiTaskClassifier needs train.yaml's Classifier (network_def), got {type(classifier).__name__}; "
+                "bundle/configs/multitask.yaml does not combine with overlays that wrap `network` "
+                "(multi_gpu_train.yaml)."
+            )
+        if label_key in heads:
+            raise ValueError(f"`aux_heads` names {label_key!r}, the pathology label; rename that auxiliary target.")
+        self.classifier = classifier
+        self.label_key = label_key
+        dim = classifier.backbone.feature_dim
+        self.aux_heads = nn.ModuleDict({k: nn.Linear(dim, int(n)) for k, n in heads.items()})
+        # next to the classifier's parameters (channels_last does not apply to linear layers)
+        ref = next(classifier.parameters(), None)
+        if ref is not None:
+            self.aux_heads.to(device=ref.device, dtype=ref.dtype)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        c = self.classifier
+        h = c.dropout(c.backbone(x))
+        return {self.label_key: c.head(h), **{k: head(h) for k, head in self.aux_heads.items()}}
 
 
 def prepare_network(
