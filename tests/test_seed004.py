@@ -326,3 +326,20 @@ def test_multitask_finetuning_on_chexpert(chexpert_json, tmp_path):
     row = json.loads((out / "history.jsonl").read_text().splitlines()[-1])
     assert all(np.isfinite(row[k]) for k in ("task_loss", "aux_loss_view", "aux_loss_sex", "train_loss"))
     assert "val_auc" in row  # validation selected the model on the pathology labels
+
+
+def test_plain_training_on_chexpert_with_metadata_and_uncertain_ignore(tmp_path):
+    """train.yaml alone on a CheXpert datalist written with --metadata (nulls in sex/age) and --uncertain ignore
+    (label_mask only on entries with a -1): the extra fields must not reach the collate (they broke it: KeyError
+    'label_mask', 'Could not infer dtype of NoneType'), and the -1 labels are masked by the loss."""
+    src = make_chexpert(tmp_path / "raw")
+    dl = tmp_path / "dl" / "cx.json"
+    assert data_prep(["chexpert", str(src), "--out", str(dl), "--metadata", "--uncertain", "ignore",
+                      "--val-count", "6", "--no-progress"]) == 0
+    entries = _datalist(dl)["training"]
+    assert any("label_mask" in e for e in entries) and any("label_mask" not in e for e in entries)
+    assert any(e.get("sex") is None for e in entries) or any(e.get("age") is None for e in entries)
+    out = tmp_path / "run"
+    run_bundle(cfg("train.yaml"), datalist=str(dl), output_dir=str(out), **TINY)
+    row = json.loads((out / "history.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(row["train_loss"]) and "val_auc" in row

@@ -13,6 +13,7 @@ import logging
 import os
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +217,7 @@ def load_datalist(
     seed: int = 0,
     base_dir: str | os.PathLike | None = None,
     require_auc: bool | None = None,
+    fields: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Load one split of a decathlon datalist with absolute image paths, validated.
 
@@ -231,6 +233,10 @@ def load_datalist(
         require_auc: refuse a split whose ROC-AUC is undefined (:func:`check_auc_split`). Default: on for the
             ``validation`` split of labelled data, which selects the best model by AUC, so such a run stops when the
             split is loaded, before any epoch.
+        fields: keep only these keys of each entry (e.g. ``["image", "label"]`` for a classifier). Datalists carry
+            more than a workflow reads: auxiliary metadata with nulls (``--metadata``), a ``label_mask`` on only the
+            entries that have an ignored label, a patient pseudonym. Such keys, present in some entries only or
+            holding None, cannot be collated into a batch.
 
     Raises:
         DatalistError: naming the datalist entry and the fix, for missing files, bad labels, an empty split or a
@@ -278,6 +284,8 @@ def load_datalist(
         check_auc_split(items, num_classes, task, f"datalist {datalist}, split {split!r}", names)
     if label_fraction < 1:
         items = stratified_subset(items, label_fraction, seed)
+    if fields is not None:
+        items = [{k: item[k] for k in fields if k in item} for item in items]
     return items
 
 

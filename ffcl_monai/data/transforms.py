@@ -8,6 +8,9 @@ The bundle configs list MONAI transforms explicitly (so users can change them); 
   values.
 - :class:`EnsureChannelsd`: grayscale conversion of RGB-stored images and a dimensionality check that catches 2D
   data given to a 3D config (and vice versa) while the cache is built, before training.
+- :class:`NormalizeInputd`: the input normalisation a pretrained initialisation expects (config key ``input_norm``):
+  ``imagenet`` = ``(x - mean_c) / std_c`` with torchvision's ImageNet statistics, applied after the intensity scaling
+  to [0, 1] (the FFCL paper, seed 000 §3: "ImageNet normalized (training from ImageNet weight)").
 - :class:`LabelToTensord`: integer labels -> long tensors, multi-label lists -> float tensors (batchable).
 - :class:`MetadataToTensord`: auxiliary-target metadata fields -> float32 scalars, ``None`` -> NaN (batchable; the
   auxiliary loss masks the NaNs).
@@ -237,6 +240,73 @@ class EnsureChannelsd(MapTransform):
                         "set `--in_channels` to match the images."
                     )
             d[key] = img
+        return d
+
+
+#: Per-channel (R, G, B) mean and standard deviation of ImageNet training images in [0, 1], as torchvision's
+#: ``transforms.Normalize`` for its pretrained ResNets uses them (torchvision.models.ResNet18_Weights.IMAGENET1K_V1).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Values of the ``input_norm`` config key.
+INPUT_NORMS = ("none", "imagenet")
+
+
+def input_norm_stats(input_norm: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``(mean, std)`` per channel for ``input_norm`` and an image of ``channels`` channels; None for ``none``.
+
+    ``imagenet`` with 3 channels: :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD`. With 1 channel (a grey image for a
+    network whose conv1 was summed over R, G, B, ``in_channels: 1``): the mean of the three means and of the three
+    standard deviations (0.449, 0.226), the usual single-channel choice; only 3 channels reproduce the ImageNet
+    network's input exactly.
+
+    Raises:
+        ValueError: an unknown ``input_norm`` or a channel count ImageNet statistics do not exist for, naming the key.
+    """
+    name = str(input_norm).strip().lower()
+    if name in ("none", "null", ""):
+        return None
+    if name != "imagenet":
+        raise ValueError(f"unknown `input_norm` {input_norm!r}; use one of {list(INPUT_NORMS)}.")
+    if channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    if channels == 1:
+        return (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
+    raise ValueError(
+        f"`input_norm: imagenet` needs images of 3 (or 1) channels, got {channels}; set `in_channels` to 3 (grey "
+        "images are repeated to R, G, B) or `input_norm` to none."
+    )
+
+
+class NormalizeInputd(MapTransform):
+    """``(x - mean_c) / std_c`` per channel with the statistics of ``input_norm`` (:func:`input_norm_stats`).
+
+    Listed after the intensity scaling to [0, 1] in the deterministic preprocessing of ``train.yaml`` and
+    ``inference.yaml``, so that training, validation, evaluation, the embedding monitor, inference and the MLflow
+    model all feed the network the same values. ``input_norm: none`` leaves the image unchanged (the configs also
+    disable the entry then, so caches and ``preprocessing.json`` stay as they were).
+
+    MONAI's ``NormalizeIntensityd(subtrahend, divisor, channel_wise=True)`` computes the same but writes into its
+    input tensor channel by channel; this one returns a new float32 tensor and checks the channel count against the
+    statistics, naming the config keys.
+    """
+
+    def __init__(self, keys: KeysCollection, input_norm: str = "none", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        input_norm_stats(input_norm, 3)  # an unknown name fails when the config is built, not at the first image
+        self.input_norm = str(input_norm).strip().lower()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            t = img if isinstance(img, torch.Tensor) else torch.as_tensor(np.asarray(img))
+            stats = input_norm_stats(self.input_norm, int(t.shape[0]))
+            if stats is None:
+                continue
+            shape = (-1,) + (1,) * (t.ndim - 1)  # (C, 1, ..., 1): broadcasts over every spatial axis
+            mean = torch.as_tensor(stats[0], dtype=torch.float32, device=t.device).reshape(shape)
+            std = torch.as_tensor(stats[1], dtype=torch.float32, device=t.device).reshape(shape)
+            d[key] = (t.to(torch.float32) - mean) / std
         return d
 
 

@@ -1,10 +1,12 @@
 """Optimizers and learning-rate schedules of every training workflow (config keys ``optimizer_name``,
-``learning_rate``, ``weight_decay``, ``momentum``, ``warmup_epochs``; train.yaml builds ``optimizer`` and
-``lr_scheduler`` with them, the overlays change the keys).
+``learning_rate``, ``weight_decay``, ``momentum``, ``warmup_epochs``, ``lr_schedule``; train.yaml builds
+``optimizer`` and ``lr_scheduler`` with them, the overlays change the keys).
 
 - :func:`make_optimizer`: ``adam`` (the default everywhere), ``adamw``, ``lars`` (large-batch SimCLR), ``sgd``.
 - :class:`LARS`: You, Gitman, Ginsburg 2017 (arXiv:1708.03888), Algorithm 1, as SimCLR uses it.
-- :func:`make_scheduler`: per-epoch linear warm-up, then cosine decay to 0 (SimCLR, Sec. B.6).
+- :func:`make_scheduler`: per-epoch linear warm-up, then cosine decay to 0 (SimCLR, Sec. B.6; with no warm-up this
+  is ``torch.optim.lr_scheduler.CosineAnnealingLR(T_max=max_epochs, eta_min=0)``, the FFCL paper's "Cosine Annealing
+  scheduler", seed 000 §3), or a constant rate (``lr_schedule: constant``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["LARS", "make_optimizer", "make_scheduler"]
+__all__ = ["LARS", "LR_SCHEDULES", "make_optimizer", "make_scheduler"]
+
+#: Values of the ``lr_schedule`` config key.
+LR_SCHEDULES = ("cosine", "constant")
 
 
 class LARS(Optimizer):
@@ -72,13 +77,28 @@ def make_optimizer(
     raise ValueError(f"unknown `optimizer_name` {name!r}; use adam, adamw, lars or sgd.")
 
 
-def make_scheduler(optimizer: Optimizer, max_epochs: int, warmup_epochs: int = 0) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-epoch schedule: linear warm-up over ``warmup_epochs`` then cosine decay to 0 (SimCLR, Sec. B.6)."""
+def make_scheduler(
+    optimizer: Optimizer, max_epochs: int, warmup_epochs: int = 0, schedule: str = "cosine"
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch schedule: linear warm-up over ``warmup_epochs``, then
+
+    - ``cosine``: ``lr_e = lr * (1 + cos(pi * (e - w) / (max_epochs - w))) / 2``, decaying to 0 at ``max_epochs``
+      (SimCLR, Sec. B.6; for ``w = 0`` the closed form of ``CosineAnnealingLR(T_max=max_epochs, eta_min=0)``);
+    - ``constant``: ``lr_e = lr``.
+
+    Raises:
+        ValueError: an unknown ``schedule``, naming the config key ``lr_schedule``.
+    """
+    name = str(schedule).strip().lower()
+    if name not in LR_SCHEDULES:
+        raise ValueError(f"unknown `lr_schedule` {schedule!r}; use one of {list(LR_SCHEDULES)}.")
     warmup = max(0, min(int(warmup_epochs), max_epochs - 1))
 
     def factor(epoch: int) -> float:
         if epoch < warmup:
             return (epoch + 1) / (warmup + 1)
+        if name == "constant":
+            return 1.0
         t = (epoch - warmup) / max(1, max_epochs - warmup)
         return 0.5 * (1 + math.cos(math.pi * t))
 

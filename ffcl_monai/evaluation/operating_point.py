@@ -150,13 +150,14 @@ def needs_validation_pass(task: str, eval_split: str, threshold: Any, temperatur
     return fits and eval_split != REFERENCE_SPLIT
 
 
-def validation_datalist(datalist: str, num_classes: int, task: str) -> list[dict[str, Any]]:
+def validation_datalist(datalist: str, num_classes: int, task: str,
+                        fields: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """The validation split that the threshold and temperature are fitted on, with a message naming the keys that
     avoid it when the datalist has none."""
     from ffcl_monai.data.datalist import DatalistError, load_datalist
 
     try:
-        return load_datalist(datalist, REFERENCE_SPLIT, num_classes, task)
+        return load_datalist(datalist, REFERENCE_SPLIT, num_classes, task, fields=fields)
     except DatalistError as e:
         raise DatalistError(
             f"{e} evaluate.yaml chooses the decision threshold (`threshold`) and the temperature "

@@ -1,6 +1,8 @@
 """Handlers that make long runs trustworthy: deterministic epochs, resume, NaN guard, a best model that is never
-chosen on a NaN metric, and early stopping. The checkpoint savers are in :mod:`ffcl_monai.handlers.checkpoint`, the
-local history that survives a tracking-server outage in :mod:`ffcl_monai.handlers.history`.
+chosen on a NaN metric, and early stopping (on a validation metric: :class:`EarlyStopper`; on an epoch loss of a
+stage without validation, e.g. FFCL's local and global stages: :class:`LossEarlyStopper`, Ignite's ``EarlyStopping``
+with resumable state). The checkpoint savers are in :mod:`ffcl_monai.handlers.checkpoint`, the local history that
+survives a tracking-server outage in :mod:`ffcl_monai.handlers.history`.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,10 @@ class ResumeHandler:
     scale and growth tracker are saved and restored too, so a resumed fp16 run does not restart from the initial
     scale and skip steps again.
 
+    ``extra_state``: other handlers whose state must resume too, ``{name: object with state_dict() and
+    load_state_dict()}`` (e.g. a :class:`LossEarlyStopper`'s best loss and counter); stored under ``"extra"``. Register
+    such a handler *before* this one on ``EPOCH_COMPLETED`` so that the saved state includes the epoch just finished.
+
     The state is copied at the end of the epoch and written by a background thread (temporary file, fsync, rename), so
     the next epoch does not wait for the disk; a write still in flight is finished before the next one starts and when
     the run ends or fails. The last two generations are kept (``resume.pt`` and ``resume.prev.pt``); resume falls back
@@ -99,6 +105,7 @@ class ResumeHandler:
         lr_scheduler: Any = None,
         validator: Engine | None = None,
         resume: bool = False,
+        extra_state: Mapping[str, Any] | None = None,
     ) -> None:
         self.path = Path(path)
         self.network = network
@@ -106,6 +113,7 @@ class ResumeHandler:
         self.lr_scheduler = lr_scheduler
         self.validator = validator
         self.resume = resume
+        self.extra_state = dict(extra_state or {})
         self._writer: threading.Thread | None = None
         self._write_error: BaseException | None = None
 
@@ -133,6 +141,8 @@ class ResumeHandler:
                 "best_metric": float(getattr(self.validator.state, "best_metric", -1)),
                 "best_metric_epoch": int(getattr(self.validator.state, "best_metric_epoch", -1)),
             }
+        if self.extra_state:
+            payload["extra"] = {name: dict(obj.state_dict()) for name, obj in self.extra_state.items()}
         self.wait()
         snapshot = _cpu_copy(payload)  # the next optimizer step changes the live tensors in place
         self._writer = threading.Thread(target=self._write, args=(snapshot,), name="resume-checkpoint")
@@ -178,6 +188,9 @@ class ResumeHandler:
         if self.validator is not None and "validator" in ckpt:
             self.validator.state.best_metric = ckpt["validator"]["best_metric"]
             self.validator.state.best_metric_epoch = ckpt["validator"]["best_metric_epoch"]
+        for name, state in (ckpt.get("extra") or {}).items():
+            if name in self.extra_state:  # a checkpoint of a run without that handler simply lacks the entry
+                self.extra_state[name].load_state_dict(state)
         logger.info("resumed at epoch %d", engine.state.epoch)
 
     def _load_newest_readable(self) -> dict[str, Any]:
@@ -337,6 +350,120 @@ class EarlyStopper:
             logger.info("early stopping at epoch %d: no improvement since epoch %d", engine.state.epoch, best_epoch)
             print(f"early stopping at epoch {engine.state.epoch}: best validation at epoch {best_epoch}", flush=True)
             engine.terminate()
+
+
+class LossEarlyStopper:
+    """Stop training when an epoch metric of the trainer (lower is better) has not improved for ``patience`` epochs.
+
+    For workflows without model selection, whose only per-epoch signal is their own loss: FFCL's local and global
+    stages (``stage_early_stop_patience``). Ignite's :class:`~ignite.handlers.EarlyStopping` does the counting on the
+    score ``-metric`` (an epoch counts as an improvement when its loss is strictly below the best so far); this class
+    adds what a bundle workflow needs around it:
+
+    - ``metric``: a key of ``engine.state.metrics`` written before the config's handlers run (the project's trainers
+      write their epoch means there); ``None`` = the epoch mean of the trainer's ``loss`` output, whatever the trainer
+      names it (``local_loss``, ``global_loss``: ``engine.epoch_means``);
+    - resumable: :meth:`state_dict` / :meth:`load_state_dict` (pass it to the ResumeHandler's ``extra_state`` and
+      register it before the ResumeHandler), and a resumed run whose saved state had already reached ``patience``
+      stops before training another epoch;
+    - under torchrun the metric is averaged over the ranks first, so every rank stops at the same epoch;
+    - ``enabled=False`` (``patience`` 0) attaches nothing, so the handler can sit in a handler list unconditionally.
+
+    Refused for the greedy local schedule (``local_schedule: greedy``), which trains block after block: a plateau of
+    one block's loss would stop the stage before the later blocks were trained.
+
+    Args:
+        patience: epochs without improvement before stopping (>= 1 when enabled).
+        metric: the ``engine.state.metrics`` key to watch; None = the trainer's epoch loss.
+        enabled: False = do nothing.
+    """
+
+    def __init__(self, patience: int, metric: str | None = None, enabled: bool = True) -> None:
+        self.enabled = bool(enabled) and int(patience) > 0
+        if enabled and int(patience) < 0:
+            raise ValueError(f"early-stopping patience must be >= 0 (0 = off), got {patience}.")
+        self.patience = int(patience)
+        self.metric = metric
+        self.stopper: Any = None  # ignite EarlyStopping, built in attach (it needs the trainer)
+        self._pending: Mapping[str, Any] | None = None
+        self.stopped_epoch: int | None = None
+
+    def attach(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
+        if getattr(engine, "schedule", None) == "greedy":
+            raise ValueError(
+                "stage early stopping cannot be combined with `local_schedule: greedy` (blocks are trained one after "
+                "another; a plateau of one block's loss would leave the later blocks untrained). Set "
+                "`stage_early_stop_patience: 0` or `local_schedule: single_pass`."
+            )
+        from ignite.handlers import EarlyStopping
+
+        self.stopper = EarlyStopping(patience=self.patience, score_function=self._score, trainer=engine)
+        if self._pending is not None:
+            self.load_state_dict(self._pending)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._stop_if_exhausted)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _metric_name(self, engine: Engine) -> str:
+        if self.metric:
+            return str(self.metric)
+        means = getattr(engine, "epoch_means", None)
+        name = means.names("loss") if means is not None else None
+        if not name:
+            raise ValueError(
+                f"{type(engine).__name__} writes no epoch mean of its loss; set `stage_early_stop_metric` to a key of "
+                f"engine.state.metrics ({sorted(engine.state.metrics)})."
+            )
+        return str(name)
+
+    def _score(self, engine: Engine) -> float:
+        name = self._metric_name(engine)
+        if name not in engine.state.metrics:
+            raise KeyError(
+                f"early stopping watches `{name}`, which is not in engine.state.metrics "
+                f"({sorted(engine.state.metrics)}); set `stage_early_stop_metric`."
+            )
+        value = float(engine.state.metrics[name])
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # one decision for every rank: the mean over ranks
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            t = torch.tensor([value], dtype=torch.float64, device=device)
+            dist.all_reduce(t)
+            value = float(t.item()) / dist.get_world_size()
+        return -value  # Ignite's EarlyStopping maximises its score
+
+    def __call__(self, engine: Engine) -> None:
+        self.stopper(engine)
+        if self.stopper.counter >= self.patience:
+            self.stopped_epoch = engine.state.epoch
+            logger.info("early stopping at epoch %d: %s did not improve for %d epochs (best %.6g)", engine.state.epoch,
+                        self._metric_name(engine), self.patience, -float(self.stopper.best_score))
+
+    def _stop_if_exhausted(self, engine: Engine) -> None:
+        # a resumed run whose checkpoint was written at the stopping epoch: do not train one epoch more
+        if self.stopper.counter >= self.patience:
+            self.stopped_epoch = engine.state.epoch - 1
+            logger.info("early stopping: the resumed state had already stopped after epoch %d", engine.state.epoch - 1)
+            engine.terminate()
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"counter", "best_score"}`` of the Ignite handler (empty when disabled or not attached yet)."""
+        if self.stopper is None:
+            return dict(self._pending or {})
+        best = self.stopper.best_score
+        return {"counter": int(self.stopper.counter), "best_score": None if best is None else float(best)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s values (kept until :meth:`attach` when not attached yet)."""
+        if not state:
+            return
+        if self.stopper is None:
+            self._pending = dict(state)
+            return
+        self.stopper.counter = int(state["counter"])
+        self.stopper.best_score = None if state.get("best_score") is None else float(state["best_score"])
 
 
 class ProgressBar:

@@ -5,7 +5,7 @@ Nothing is downloaded: the user passes a file (e.g. torchvision's ``resnet18-f37
 
 Key mapping (torchvision -> :func:`~ffcl_monai.networks.backbones.build_backbone` ResNet):
 
-    conv1.*            -> blocks.0.conv1.*       (stem; 3 channels averaged to 1 for grayscale, see below)
+    conv1.*            -> blocks.0.conv1.*       (stem; kept as trained for 3 channels, summed for 1, see below)
     bn1.*              -> blocks.0.bn1.*
     layer{i}.{rest}    -> blocks.{i}.{rest}      (i = 1..4; BasicBlock/Bottleneck names are the same in MONAI:
                                                   conv1/bn1/conv2/bn2[/conv3/bn3], downsample.0 = 1x1 conv,
@@ -15,9 +15,17 @@ Key mapping (torchvision -> :func:`~ffcl_monai.networks.backbones.build_backbone
 MONAI's shortcut conv (``downsample.0``) has a bias that torchvision's lacks; it is set to zero, which is exactly
 torchvision's function. Old files without ``num_batches_tracked`` get zeros there.
 
-Input channels: ``in_channels=3`` copies conv1; ``in_channels=1`` (grayscale X-ray) averages conv1 over its 3 input
-channels. The backbone must use the torchvision stem (``conv1_kernel=7``, ``conv1_stride=2``, the defaults) and
-``spatial_dims=2``; anything else is refused with the config key to change.
+Input channels. ``in_channels=3`` keeps conv1 as trained: the FFCL program's default with an ImageNet ``init``
+(``ffcl.yaml``: grey images repeated to R, G, B by ``EnsureChannelsd``, ImageNet mean/std by ``NormalizeInputd``,
+``input_norm: imagenet``), which is exactly the network's ImageNet input (seed 000 §3: 224 x 224 x 3, ImageNet
+normalised). ``in_channels=1`` sums conv1 over its 3 input channels (as timm's ``adapt_input_conv``): for a grey image
+g, ``sum_c w_c * g`` is what the 3-channel filter computes on g repeated three times, so the stem's response (and the
+BatchNorm statistics after it) stay those of the trained network. The mean over channels, used before, gave a third
+of that response. The backbone must use the torchvision stem (``conv1_kernel=7``, ``conv1_stride=2``, the defaults)
+and ``spatial_dims=2``; anything else is refused with the config key to change.
+
+Checked in ``tests/test_imagenet_mapping.py`` against a ResNet-18 written from the published architecture (He et
+al. 2016, torchvision's layout) in plain torch: the mapped backbone gives the reference's pooled features.
 """
 
 from __future__ import annotations
@@ -90,11 +98,13 @@ def torchvision_resnet_to_backbone(state: dict[str, torch.Tensor], backbone: Bac
         w = mapped[stem]
         c = backbone.in_channels
         if w.shape[1] == 3 and c == 1:
-            mapped[stem] = w.mean(dim=1, keepdim=True)  # grayscale: the average filter of R, G and B
+            # grey input: sum_c w_c * g equals the trained filter on g repeated to R, G, B (the mean would be 1/3)
+            mapped[stem] = w.sum(dim=1, keepdim=True)
+            logger.info("ImageNet conv1 summed over R, G, B for in_channels=1; in_channels=3 keeps it as trained")
         elif w.shape[1] != c:
             raise ValueError(
-                f"conv1 of the ImageNet file has {w.shape[1]} input channels; only in_channels 1 (averaged) or 3 "
-                f"(copied) are supported, the config has in_channels={c}."
+                f"conv1 of the ImageNet file has {w.shape[1]} input channels; only in_channels 3 (kept as trained, "
+                f"the default with an ImageNet init) or 1 (summed) are supported, the config has in_channels={c}."
             )
         if mapped[stem].shape != own[stem].shape:
             raise ValueError(

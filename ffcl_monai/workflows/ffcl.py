@@ -21,14 +21,18 @@ MLflow parent run, summary):
 How keys reach the steps (explicit, nothing is read back from a running parser):
 
 - every key given on the command line (or in ``overrides``) goes to every step, except ``max_epochs`` (the
-  fine-tuning's epochs) to the stages, whose epochs are ``local_epochs`` / ``global_epochs``;
-- the entry config's values of the keys ffcl.yaml sets for the fine-tuning (``FINETUNE_KEYS``, e.g. ``loss_name: bce``)
-  go to the fine-tuning and evaluation steps, which do not load ffcl.yaml;
+  fine-tuning's epochs) to the stages, whose ``max_epochs`` is set to ``local_epochs`` / ``global_epochs`` (also when an
+  overlay such as ``paper.yaml`` sets ``max_epochs``);
+- the entry config's values of the keys ffcl.yaml sets for the fine-tuning (``FINETUNE_KEYS``: ``loss_name: bce``, and
+  ``in_channels`` / ``input_norm``, which follow ``init``: 3 channels and ImageNet mean/std for ``imagenet:<file>``) go
+  to the fine-tuning and evaluation steps, which do not load ffcl.yaml (the stages load it and resolve the same);
 - the program sets ``output_dir``, ``pretrained_ckpt``, ``run_name``, ``tracking_uri``, ``mlflow_parent_run_id`` and
   ``resume`` per step.
 
-``overlays`` are the entry's config files after ``train.yaml`` and ``ffcl.yaml`` (e.g. ``multi_gpu_train.yaml``) plus
-``3d.yaml`` for a 3D datalist (:func:`ffcl_monai.workflows.runner.config_files`).
+``overlays`` are the entry's config files after ``train.yaml`` and ``ffcl.yaml`` (e.g. ``paper.yaml``, the paper's
+protocol, or ``multi_gpu_train.yaml``) plus ``3d.yaml`` for a 3D datalist
+(:func:`ffcl_monai.workflows.runner.config_files`). :func:`plan_steps` lists every step's files and keys without running
+anything (what the program runs, and what ``tests/test_paper_preset.py`` resolves).
 
 Resume: rerun the same command. Finished steps are skipped (``state.json``), an interrupted step resumes from its
 last epoch. Under torchrun every rank runs the stages and the fine-tuning; rank 0 alone runs the evaluation (a
@@ -41,6 +45,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +58,15 @@ from ffcl_monai.workflows.experiment import Experiment
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STAGES", "FINETUNE_KEYS", "FFCLWorkflow", "parse_stages", "prepare_init", "run_ffcl",
+__all__ = ["STAGES", "FINETUNE_KEYS", "FFCLWorkflow", "Step", "parse_stages", "plan_steps", "prepare_init", "run_ffcl",
            "refuse_without_workflow_name", "flat_metrics"]
 
 STAGES = ("local", "global")
 NO_STAGES = ("", "none", "rbp", "null", "None")
-# ffcl.yaml's defaults for the fine-tuning and evaluation steps (train.yaml keys); passed on explicitly
-FINETUNE_KEYS = ("loss_name",)
+# ffcl.yaml's values of train.yaml keys for the fine-tuning and evaluation steps, which do not load ffcl.yaml; passed
+# on explicitly. in_channels / input_norm follow `init` (an ImageNet init: 3 channels, ImageNet mean/std): a network
+# and its inputs must agree in every step, evaluation included.
+FINETUNE_KEYS = ("loss_name", "in_channels", "input_norm")
 _ENTRY_FILES = ("train.yaml", "ffcl.yaml")
 
 
@@ -100,12 +107,16 @@ def prepare_init(init: str | None, network_def: Any, out: Path) -> str | None:
 
 def flat_metrics(metrics_json: str | os.PathLike, prefix: str) -> dict[str, float]:
     """``metrics.json`` of the evaluate workflow -> ``{prefix+metric: value, ..._ci_low, ..._ci_high}``."""
-    m = json.loads(Path(metrics_json).read_text())["metrics"]
+    content = json.loads(Path(metrics_json).read_text())
     out = {}
-    for k, v in m.items():
+    for k, v in content["metrics"].items():
         out[f"{prefix}{k}"] = v["value"]
         out[f"{prefix}{k}_ci_low"] = v["ci_low"]
         out[f"{prefix}{k}_ci_high"] = v["ci_high"]
+    if "operating_point" in content and "calibration" in content:  # the threshold, sensitivity/specificity, ECE
+        from ffcl_monai.evaluation.operating_point import Assessment
+
+        out.update(Assessment(content["operating_point"], content["calibration"]).flat_metrics(prefix))
     return out
 
 
@@ -119,6 +130,66 @@ def _split_size(datalist: str, split: str) -> int:
 
 def _overlays(files: Sequence[str]) -> list[str]:
     return [f for f in files if Path(f).name not in _ENTRY_FILES]
+
+
+@dataclass
+class Step:
+    """One bundle step of the pipeline as the program runs it.
+
+    Attributes:
+        name: its sub-folder and MLflow child run (``stage1_local``, ``finetune``, ``evaluate_test``).
+        kind: ``stage``, ``finetune`` or ``evaluate``.
+        files: the config files, absolute.
+        overrides: the keys the program passes, before the per-step bookkeeping of
+            :meth:`~ffcl_monai.workflows.experiment.Experiment.step_overrides` (``output_dir``, the MLflow store and
+            parent run, ``resume``) and the checkpoint of the previous step (``pretrained_ckpt`` / ``checkpoint``).
+        split: the evaluated split (``evaluate`` steps).
+    """
+
+    name: str
+    kind: str
+    files: list[str]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    split: str | None = None
+
+
+def plan_steps(entry_files: Sequence[str], overrides: Mapping[str, Any], parser: Any = None) -> list[Step]:
+    """Every step of the pipeline (stages, fine-tuning, one evaluation per split of ``eval_splits`` the datalist
+    has), with its files and keys, without running anything.
+
+    Args:
+        entry_files: the entry's config files (train.yaml, ffcl.yaml, overlays), absolute
+            (:func:`ffcl_monai.workflows.runner.config_files`).
+        overrides: the command-line keys.
+        parser: the entry config's parser (built from ``entry_files`` and ``overrides`` when None).
+    """
+    overrides = dict(overrides)
+    if parser is None:
+        parser = runner.load(entry_files, overrides)
+    get = parser.get_parsed_content
+    datalist = get("datalist")
+    overlays = _overlays(entry_files)
+    finetune_keys = {k: get(k) for k in FINETUNE_KEYS if k not in overrides}
+    forward = {k: v for k, v in overrides.items() if k not in ("output_dir", "run_name", "mlflow_parent_run_id")}
+    steps = []
+    for i, stage in enumerate(parse_stages(get("stages")), start=1):
+        files = runner.config_files(["train.yaml", "ffcl.yaml", f"ffcl_{stage}.yaml", *overlays], datalist)
+        # `max_epochs` (command line, or an overlay such as paper.yaml, listed after the stage file) is the
+        # fine-tuning's; a stage runs `<stage>_epochs`, passed explicitly so that no overlay can replace it
+        keys = {k: v for k, v in forward.items() if k != "max_epochs"}
+        steps.append(Step(f"stage{i}_{stage}", "stage", files, {**keys, "max_epochs": int(get(f"{stage}_epochs"))}))
+    finetune = {**forward, **finetune_keys}
+    steps.append(Step("finetune", "finetune", runner.config_files(["train.yaml", *overlays], datalist), finetune))
+    # Evaluation is a one-off report: rank 0 runs it as a single process (no multi-GPU overlay), the rest wait.
+    eval_files = runner.config_files(
+        ["train.yaml", "evaluate.yaml", *[o for o in overlays if not Path(o).name.startswith("multi_gpu")]], datalist)
+    for split in get("eval_splits") or []:
+        if _split_size(datalist, split) == 0:
+            logger.info("== FFCL evaluate: the datalist has no '%s' split; skipped", split)
+            continue
+        steps.append(Step(f"evaluate_{split}", "evaluate", eval_files,
+                          {**finetune, "eval_split": split, "test_report#prefix": f"{split}_"}, split))
+    return steps
 
 
 def run_ffcl(
@@ -143,8 +214,7 @@ def run_ffcl(
     overlays = _overlays(entry_files)
     stages = parse_stages(get("stages"))
     init = get("init")
-    finetune_keys = {k: get(k) for k in FINETUNE_KEYS if k not in overrides}
-    forward = {k: v for k, v in overrides.items() if k not in ("output_dir", "run_name", "mlflow_parent_run_id")}
+    plan = plan_steps(entry_files, overrides, parser)
     out = Path(get("output_dir")).resolve()
     if any(Path(o).name.startswith("multi_gpu") for o in overlays):
         get("device")  # multi_gpu_train.yaml's device initialises the process group: the parent run id is broadcast
@@ -158,39 +228,31 @@ def run_ffcl(
             "image_size": get("image_size"), "local_epochs": get("local_epochs") if "local" in stages else 0,
             "global_epochs": get("global_epochs") if "global" in stages else 0, "max_epochs": get("max_epochs"),
             "pair_mode": get("pair_mode"), "averaging": get("averaging"), "neg_weight": get("neg_weight"),
-            "loss_name": get("loss_name"),
+            "loss_name": get("loss_name"), "in_channels": get("in_channels"), "input_norm": get("input_norm"),
+            "global_objective": get("global_objective") if "global" in stages else "none",
+            "supcon_temperature": get("supcon_temperature"),
         })
         ckpt = exp.step("init", prepare_init, init, get("network_def"), out)
-        for i, stage in enumerate(stages, start=1):
-            name = f"stage{i}_{stage}"
-            files = runner.config_files(["train.yaml", "ffcl.yaml", f"ffcl_{stage}.yaml", *overlays], datalist)
-            # `max_epochs` on the command line is the fine-tuning's; a stage's epochs are `<stage>_epochs` (its
-            # config sets max_epochs from them, which a forwarded max_epochs would override)
-            stage_keys = {k: v for k, v in forward.items() if k != "max_epochs"}
-            ckpt = exp.step(name, _run_step, files, {**stage_keys, **exp.step_overrides(name, pretrained_ckpt=ckpt)},
-                            "backbone.pt", required=True)
-            exp.add_artifacts([exp.step_dir(name) / "training_curves.png"], name)
-        finetune = {**forward, **finetune_keys}
-        files = runner.config_files(["train.yaml", *overlays], datalist)
-        best = exp.step("finetune", _run_step, files,
-                        {**finetune, **exp.step_overrides("finetune", pretrained_ckpt=ckpt)}, "models/model.pt")
-        exp.add_artifacts([exp.step_dir("finetune") / "training_curves.png"], "finetune")
-        # Evaluation is a one-off report: rank 0 runs it as a single process (no multi-GPU overlay), the rest wait.
-        eval_files = runner.config_files(
-            ["train.yaml", "evaluate.yaml", *[o for o in overlays if not Path(o).name.startswith("multi_gpu")]], datalist)
-        for split in get("eval_splits") or []:
-            n = _split_size(datalist, split)
-            if n == 0:
-                logger.info("== FFCL evaluate: the datalist has no '%s' split; skipped", split)
-                continue
-            name = f"evaluate_{split}"
-            if is_rank0():
-                logger.info("== FFCL evaluate on %s (%d images, once, bootstrap 95%% CIs)", split, n)
-                metrics = exp.step(name, _run_step, eval_files, {
-                    **finetune, **exp.step_overrides(name, checkpoint=best, eval_split=split,
-                                                     **{"test_report#prefix": f"{split}_"})}, "metrics.json")
-                exp.metrics.update(flat_metrics(metrics, f"{split}_"))
-                exp.add_artifacts([Path(metrics), Path(metrics).parent / "roc.png"], name)
+        best = None
+        for step in plan:
+            name = step.name
+            if step.kind == "stage":
+                ckpt = exp.step(name, _run_step, step.files,
+                                {**step.overrides, **exp.step_overrides(name, pretrained_ckpt=ckpt)}, "backbone.pt",
+                                required=True)
+                exp.add_artifacts([exp.step_dir(name) / "training_curves.png"], name)
+            elif step.kind == "finetune":
+                best = exp.step(name, _run_step, step.files,
+                                {**step.overrides, **exp.step_overrides(name, pretrained_ckpt=ckpt)}, "models/model.pt")
+                exp.add_artifacts([exp.step_dir(name) / "training_curves.png"], name)
+            elif is_rank0():  # evaluation: rank 0 alone
+                logger.info("== FFCL evaluate on %s (%d images, once, bootstrap 95%% CIs)", step.split,
+                            _split_size(datalist, str(step.split)))
+                metrics = exp.step(name, _run_step, step.files,
+                                   {**step.overrides, **exp.step_overrides(name, checkpoint=best)}, "metrics.json")
+                exp.metrics.update(flat_metrics(metrics, f"{step.split}_"))
+                exp.add_artifacts([Path(metrics), Path(metrics).parent / "roc.png",
+                                   Path(metrics).parent / "reliability.png"], name)
         barrier()
     summary = json.loads((out / "summary.json").read_text()) if is_rank0() else {"output_dir": str(out)}
     if is_rank0():
