@@ -225,3 +225,54 @@ def test_validation_never_shares_a_patient_with_official_test(tmp_path, capsys):
         assert pats["training"] & pats["test"]  # inherited from the source: reported as a warning
         assert not pats["validation"] & pats["test"] and not pats["validation"] & pats["training"]
     assert "more than one official split" in capsys.readouterr().out
+
+
+def _dicom_radiograph(path: Path, patient_id: str, seed: int) -> None:
+    """An 8-bit MONOCHROME2 DICOM radiograph (random pixels) carrying ``patient_id``."""
+    import numpy as np
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID, ds.PatientName = "DX", patient_id, "Doe^Jane"
+    arr = np.random.default_rng(seed).integers(0, 256, (24, 20), dtype=np.uint8)
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = arr.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize("layout,classes", [("kermany", ["NORMAL", "PNEUMONIA"]),
+                                            ("oct2017", ["CNV", "DME", "DRUSEN", "NORMAL"])])
+def test_dicom_exports_are_grouped_by_patient_id_tag(layout, classes, tmp_path, monkeypatch):
+    """A hospital export of the same layout as DICOM files named by UIDs (no patient in the name): the PatientID tag
+    groups the split, as the other layouts do, instead of one patient per image (which leaked patients across
+    training and validation, and the check then refused the datalist)."""
+    private_salt_file(monkeypatch, tmp_path / "salt")
+    src = tmp_path / "export"
+    n = 0
+    for p in range(12):
+        for k in range(3):  # three images per patient
+            cls = classes[p % len(classes)]
+            _dicom_radiograph(src / "train" / cls / f"1.2.826.0.1.{p}.{k}.dcm", f"PAT{p:04d}X", seed=n)
+            n += 1
+    out = tmp_path / "dl" / "d.json"
+    assert main([layout, str(src), "--out", str(out), "--val-count", "6", "--no-progress"]) == 0
+    d = json.loads(out.read_text())
+    assert d["grouping"] == "patient"
+    by_patient: dict[str, set[str]] = {}
+    for split in ("training", "validation"):
+        for e in d[split]:
+            by_patient.setdefault(e["patient"], set()).add(split)
+            assert "PAT" not in json.dumps(e)  # pseudonyms only, never the tag value
+    assert len(by_patient) == 12 and all(len(s) == 1 for s in by_patient.values())
+    assert len(d["validation"]) == 6

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..common import LayoutError, Record, Scan, log
 from ._split_folders import scan_split_tree
+from .tabular import add_dicom_patients
 
 #: ``pathogen`` codes of ``--metadata`` (also the classes of ``--classes 3``)
 PATHOGEN_NAMES = {"0": "NORMAL", "1": "BACTERIA", "2": "VIRUS"}
@@ -102,7 +103,6 @@ def scan_kermany(args: argparse.Namespace) -> Scan:
     _apply_default_val(args, official)
     metadata = bool(getattr(args, "metadata", False))
     records: list[Record] = []
-    unknown: list[str] = []
     for split, cname, f in items:
         m = next((pat.match(f.name) for pat in KERMANY_PATTERNS if pat.match(f.name)), None)
         kind = (m.group("kind").lower() if m and "kind" in m.groupdict() and m.group("kind") else None)
@@ -112,8 +112,6 @@ def scan_kermany(args: argparse.Namespace) -> Scan:
             sub = None
         else:
             sub = 1 if kind == "bacteria" else 2
-        if m is None:
-            unknown.append(str(f))
         if args.classes == 3 and sub is None:
             raise LayoutError(
                 f"{f}: cannot tell bacteria from virus (expected personN_bacteria_M.jpeg or personN_virus_M.jpeg); "
@@ -123,6 +121,9 @@ def scan_kermany(args: argparse.Namespace) -> Scan:
         meta = {"pathogen": sub} if metadata else {}
         records.append(Record(path=f.absolute(), label=label, patient=m.group("patient").lower() if m else None,
                               split=split, stratum=sub if sub is not None else label, meta=meta))
+    # DICOM exports are named by UIDs, not like Kermany's files: their PatientID tag groups them (held in memory only)
+    add_dicom_patients(records, args, src)
+    unknown = [str(r.path) for r in records if r.patient is None]
     if unknown:
         log.warning(f"kermany: {len(unknown)} file name(s) without a recognisable patient ID; each is treated as its "
                     f"own patient, e.g. {unknown[0]}")
@@ -156,15 +157,14 @@ def scan_oct(args: argparse.Namespace) -> Scan:
     items, official = _official(args, items, splits)
     _apply_default_val(args, official)
     records: list[Record] = []
-    unknown = 0
     for split, cname, f in items:
         m = OCT_PATTERN.match(f.name)
-        if m is None:
-            unknown += 1
-        elif m.group("cls").upper() != cname.upper():
+        if m is not None and m.group("cls").upper() != cname.upper():
             raise LayoutError(f"{f}: file name says {m.group('cls')} but it is in the {cname} folder")
         records.append(Record(path=f.absolute(), label=classes.index(cname),
                               patient=m.group("patient") if m else None, split=split))
+    add_dicom_patients(records, args, src)  # DICOM exports: the PatientID tag, as in the kermany layout
+    unknown = sum(r.patient is None for r in records)
     if unknown:
         log.warning(f"oct2017: {unknown} file name(s) without a recognisable patient ID (CLASS-PATIENT-N.jpeg); each "
                     "is treated as its own patient")
