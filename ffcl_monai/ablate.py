@@ -46,6 +46,11 @@ one continues inside its own pipeline (finished steps skipped, the interrupted s
 command with more ``--seeds`` or ``--variants`` adds runs; one with another ``--preset`` or other overrides is refused
 (it would mix settings in one table): use another ``--output-dir``.
 
+From Python (a study over many ablations, :mod:`ffcl_monai.study`): :func:`plan_ablation` checks a request as the
+command line does (same messages, :class:`AblationError`) and :func:`run_ablation` runs it, optionally nested under
+another MLflow parent run, stopping cleanly after ``max_new_runs`` new runs, and reading some (variant, seed) runs
+from another ablation's folders (``external``: e.g. one RBP run shared by several ablations) instead of running them.
+
 Overrides (``--set KEY=VALUE``) follow :func:`ffcl_monai.workflows.runner.parse_override` (values read as YAML);
 ``seed`` is set by ``--seeds`` only.
 """
@@ -53,18 +58,18 @@ Overrides (``--set KEY=VALUE``) follow :func:`ffcl_monai.workflows.runner.parse_
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
 import os
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ffcl_monai.networks.checkpoints import atomic_write_text
+from ffcl_monai.errors import UserInputError
+from ffcl_monai.networks.checkpoints import atomic_write_text, csv_text
 
 APPROACHES: dict[str, tuple[str, str, str]] = {
     # name: (stages key, Table 1 "Approach", Table 1 "Contrastive")
@@ -159,13 +164,9 @@ def _header(datalist: str) -> dict[str, Any]:
     refused here, naming the key, instead of reaching the bundle config as an override.
     """
     from ffcl_monai.data.datalist import read_header
-    from ffcl_monai.errors import UserInputError
     from ffcl_monai.workflows.untrusted import header_overrides
 
-    try:
-        return header_overrides(read_header(datalist), f"datalist {datalist} header")
-    except UserInputError as e:
-        raise SystemExit(f"error: {e}") from None
+    return header_overrides(read_header(datalist), f"datalist {datalist} header")
 
 
 def _has_split(datalist: str, split: str) -> bool:
@@ -212,14 +213,6 @@ def _fmt_p(p: float | None) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    buf = io.StringIO(newline="")
-    w = csv.writer(buf)
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
-
-
 def write_table(rows: list[dict[str, Any]], out: Path, backbone: str, split: str, n: int | None, stem: str = "table",
                 note: str = "", extra_md: str = "", plot: bool = True) -> list[Path]:
     """``<stem>.md`` (paper layout, one row per variant of one seed), ``<stem>.csv`` and, with ``plot``,
@@ -249,7 +242,7 @@ def write_table(rows: list[dict[str, Any]], out: Path, backbone: str, split: str
             m = r["metrics"].get(k, {})
             vals += [m.get("value", ""), m.get("ci_low", ""), m.get("ci_high", "")]
         table.append([r["variant"], backbone, r["approach"], r["contrastive"], r["init"], split, *vals, f"{r['wall_s']:.1f}"])
-    atomic_write_text(out / f"{stem}.csv", _csv_text(
+    atomic_write_text(out / f"{stem}.csv", csv_text(
         ["variant", "backbone", "approach", "contrastive", "initialization", "split",
          *[f"{k}{s}" for k, _ in METRICS for s in ("", "_ci_low", "_ci_high")], "wall_s"], table))
     files = [out / f"{stem}.md", out / f"{stem}.csv"]
@@ -359,7 +352,7 @@ def write_seed_table(summary: list[dict[str, Any]], out: Path, backbone: str, sp
             vals += [s["mean"].get(k, ""), s["std"].get(k, "")]
         rows.append([s["variant"], backbone, s["approach"], s["contrastive"], s["init"], split,
                      " ".join(str(k) for k in s["seeds"]), *vals, f"{s['wall_s']:.1f}"])
-    atomic_write_text(out / "table.csv", _csv_text(
+    atomic_write_text(out / "table.csv", csv_text(
         ["variant", "backbone", "approach", "contrastive", "initialization", "split", "seeds",
          *[f"{k}_{stat}" for k, _ in METRICS for stat in ("mean", "std")], "wall_s"], rows))
     return [out / "table.md", out / "table.csv"]
@@ -477,7 +470,7 @@ def write_paired_csv(comps: list[dict[str, Any]], path: Path, split: str) -> Pat
                 dl = c["per_seed"][s]["delong"] if m == "auc" else None
                 rows.append([c["variant"], c["reference"], split, s, m, d["value"], d["ci_low"], d["ci_high"],
                              dl.se if dl else "", "", "", "", dl.p if dl else "", d["n_bootstrap"]])
-    return atomic_write_text(path, _csv_text(
+    return atomic_write_text(path, csv_text(
         ["variant", "reference", "split", "seed", "metric", "delta", "ci_low", "ci_high", "se", "df", "var_images",
          "var_seeds", "delong_p", "n_seeds_or_resamples"], rows))
 
@@ -611,6 +604,210 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> str | None:
             "with these in one table. Rerun with the same --preset and overrides, or use another --output-dir.")
 
 
+# ------------------------------------------------------------------------------------------------ from Python
+class AblationError(UserInputError):
+    """A refused ablation request (variant, seed, preset, split, override, or a folder holding other settings); the
+    command line reports it as a usage error (exit code 2)."""
+
+
+@dataclass
+class AblationPlan:
+    """A checked ablation request (:func:`plan_ablation`): what :func:`run_ablation` runs, nothing run or written yet.
+
+    ``external`` maps ``(variant, seed)`` to ``{"dir": <finished FFCL-program folder>, "wall_s": seconds}``: runs
+    that another ablation owns (e.g. one RBP run shared by several ablations of a study). They are read, never run,
+    and enter the tables and paired comparisons like the ablation's own runs; their folders are part of ``settings``.
+    """
+
+    datalist: str
+    out: Path
+    variants: list[str]
+    parsed: list[tuple[str, str]]
+    seeds: list[int]
+    preset: str | None
+    split: str
+    overrides: dict[str, Any]
+    settings: dict[str, Any]
+    backbone: str
+    header: dict[str, Any]
+    imagenet_weights: str | None = None
+    paired_bootstrap: int = 1000
+    experiment_name: str = "ffcl_ablation"
+    external: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def preset_name(self) -> str:
+        """The preset as tables and MLflow params name it (``none`` without one)."""
+        return self.preset[:-5] if self.preset else "none"
+
+
+@dataclass
+class AblationResult:
+    """What :func:`run_ablation` did: every finished (variant, seed) row (external ones included), the paired
+    comparisons with RBP (:func:`paired_comparisons`), the per-variant seed summary, and whether every run is done
+    (False when ``max_new_runs`` stopped it: rerun to continue)."""
+
+    out: Path
+    split: str
+    rows: list[dict[str, Any]]
+    comps: list[dict[str, Any]]
+    summary: list[dict[str, Any]]
+    new_runs: int
+    complete: bool
+    wall_s: float
+    parent_run_id: str | None
+    tracking_uri: str
+    files: list[Path]
+
+
+def plan_ablation(datalist: str | os.PathLike, output_dir: str | os.PathLike, variants: Sequence[str] | str,
+                  seeds: Sequence[int] | str = (0,), *, backbone: str = "resnet18", preset: str | None = None,
+                  image_size: int | Sequence[int] | None = None, overrides: dict[str, Any] | None = None,
+                  split: str = "auto", imagenet_weights: str | None = None, paired_bootstrap: int = 1000,
+                  experiment_name: str = "ffcl_ablation",
+                  external: dict[tuple[str, int], dict[str, Any]] | None = None) -> AblationPlan:
+    """Check an ablation request as the command line does (same messages), without running or writing anything.
+
+    Args:
+        datalist, output_dir: as ``--datalist`` / ``--output-dir``.
+        variants, seeds: lists (or the command line's comma-separated text).
+        backbone, preset, split, imagenet_weights, paired_bootstrap, experiment_name: as the flags.
+        image_size: one int (square/cubic, as ``--image-size``) or a full size list.
+        overrides: config keys for every step (``--set`` and the epoch/batch flags); ``seed`` is refused.
+        external: runs read from other folders instead of being run (:class:`AblationPlan`).
+
+    Raises:
+        AblationError: a bad request (the command line's usage errors);
+        UserInputError: a datalist header holding config syntax or bad types (:mod:`ffcl_monai.workflows.untrusted`).
+    """
+    datalist = str(Path(datalist).resolve())
+    if isinstance(variants, str):
+        variants = [v.strip() for v in variants.split(",") if v.strip()]
+    variants = list(variants)
+    try:
+        parsed = [parse_variant(v) for v in variants]
+        seeds = parse_seeds(seeds if isinstance(seeds, str) else ",".join(str(int(s)) for s in seeds))
+        preset = preset_file(preset) if preset else None
+    except ValueError as e:
+        raise AblationError(str(e)) from None
+    if paired_bootstrap < 1:
+        raise AblationError("--paired-bootstrap must be at least 1")
+    if any(init == "imagenet" for _, init in parsed):
+        if not imagenet_weights or not os.path.isfile(imagenet_weights):
+            raise AblationError("*-imagenet variants need --imagenet-weights <torchvision ResNet state-dict file> "
+                                "(nothing is downloaded)")
+    if split == "auto":
+        split = "test" if _has_split(datalist, "test") else "validation"
+    if not _has_split(datalist, split):
+        raise AblationError(f"the datalist has no '{split}' split to tabulate")
+    header = _header(datalist)
+    dims = 3 if header.get("spatial_dims", 2) == 3 else 2
+    out = Path(output_dir).resolve()
+    keys: dict[str, Any] = {"datalist": datalist, "backbone": backbone, "experiment_name": experiment_name}
+    if header.get("class_names"):
+        keys["class_names"] = header["class_names"]
+    if image_size:
+        keys["image_size"] = [int(image_size)] * dims if isinstance(image_size, int) else [int(s) for s in image_size]
+    keys.update(overrides or {})
+    if "seed" in keys:
+        raise AblationError(f"--set seed={keys['seed']}: the training seeds are given by --seeds "
+                            f"(e.g. --seeds {keys['seed']})")
+    external = {(str(v), int(s)): dict(e) for (v, s), e in (external or {}).items()}
+    unknown = sorted({v for v, _ in external} - set(variants))
+    if unknown:
+        raise AblationError(f"external runs of {unknown}, which are not among the variants {variants}")
+    settings: dict[str, Any] = {"preset": preset, "overrides": keys}
+    if external:  # (absent otherwise: folders of earlier ablations keep their recorded settings)
+        settings["external"] = {f"{v}@seed{s}": str(Path(e["dir"]).resolve()) for (v, s), e in sorted(external.items())}
+    settings = json.loads(json.dumps(settings, default=str))
+    conflict = _check_settings(out, settings)
+    if conflict:
+        raise AblationError(conflict)
+    return AblationPlan(datalist, out, variants, parsed, seeds, preset, split, keys, settings, backbone, header,
+                        imagenet_weights, paired_bootstrap, experiment_name, external)
+
+
+def _row(variant: str, seed: int, run_dir: Path, split: str, wall_s: float, header: dict[str, Any]) -> dict[str, Any]:
+    """One table row from a finished run's ``evaluate_<split>/metrics.json``."""
+    approach, init = parse_variant(variant)
+    _, approach_name, contrastive = APPROACHES[approach]
+    metrics = json.loads((run_dir / f"evaluate_{split}" / "metrics.json").read_text())
+    mets, fixed = robust_binary_auc(metrics["metrics"], metrics.get("class_names"))
+    if fixed:
+        print(f"note: {run_dir.name}: AUC taken from the unsaturated class column (float32 softmax saturation)")
+    return {"variant": variant, "seed": seed, "dir": str(run_dir), "approach": approach_name,
+            "contrastive": contrastive, "init": "ImageNet" if init == "imagenet" else "random",
+            "metrics": mets, "auc_fixed": fixed, "n": metrics.get("n"),
+            "task": metrics.get("task", header.get("task", "binary")), "wall_s": wall_s}
+
+
+def run_ablation(plan: AblationPlan, *, tracking_uri: str | None = None, parent_run_id: str | None = None,
+                 max_new_runs: int | None = None) -> AblationResult:
+    """Run (or continue) a planned ablation: one resumable step per (variant, seed), tables after every new run.
+
+    Args:
+        plan: from :func:`plan_ablation`.
+        tracking_uri: the MLflow store (default: ``MLFLOW_TRACKING_URI`` or ``<output_dir>/mlruns.db``).
+        parent_run_id: nest the ablation's parent run under this run (a study's).
+        max_new_runs: start at most this many runs not finished earlier, then stop cleanly (tables from what is
+            done; ``complete`` False). None: all.
+    """
+    from ffcl_monai.workflows.experiment import Experiment
+    from ffcl_monai.workflows.ffcl import run_ffcl
+
+    out, variants, seeds, split = plan.out, plan.variants, plan.seeds, plan.split
+    overrides = plan.overrides
+    entry = ["train.yaml", "ffcl.yaml", *([plan.preset] if plan.preset else [])]
+    rows: list[dict[str, Any]] = []
+    files: list[Path] = []
+    written = -1
+    new_runs = 0
+    complete = True
+    comps: list[dict[str, Any]] = []
+    with Experiment(out, "ablation", tracking_uri=tracking_uri, experiment_name=plan.experiment_name,
+                    run_name=f"ablation:{out.name}", parent_run_id=parent_run_id) as exp:
+        exp.state["settings"] = plan.settings
+        exp.save()
+        exp.log_params({"datalist": plan.datalist, "backbone": plan.backbone, "variants": ",".join(variants),
+                        "split": split, "seeds": ",".join(map(str, seeds)), "preset": plan.preset_name,
+                        "paired_bootstrap": plan.paired_bootstrap,
+                        "references": ",".join(f"{v}:{reference_for(v, variants)}" for v in variants
+                                               if reference_for(v, variants)) or "none",
+                        **{k: v for k, v in overrides.items() if k != "datalist"}})
+        for seed in seeds:
+            for variant, (approach, init) in zip(variants, plan.parsed):
+                if (variant, seed) in plan.external:  # another ablation's run: read, never run here
+                    ext = plan.external[(variant, seed)]
+                    rows.append(_row(variant, seed, Path(ext["dir"]), split, float(ext.get("wall_s", float("nan"))),
+                                     plan.header))
+                    continue
+                stages = APPROACHES[approach][0]
+                init_value = "random" if init == "random" else f"imagenet:{os.path.abspath(str(plan.imagenet_weights))}"
+                name = step_name(variant, seed)
+                ran = not exp.done(name)
+                if ran and max_new_runs is not None and new_runs >= max_new_runs:
+                    complete = False
+                    break
+                summary = exp.step(name, run_ffcl, entry, {
+                    **overrides, "seed": seed, "output_dir": str(exp.step_dir(name)), "tracking_uri": exp.tracking_uri,
+                    "stages": stages, "init": init_value, "run_name": name}, parent_run_id=exp.parent_run_id)
+                new_runs += int(ran)
+                rows.append(_row(variant, seed, exp.step_dir(name), split, summary.get("wall_s", float("nan")),
+                                 plan.header))
+                if ran:  # tables after every new run: an interrupted ablation has them up to its last run
+                    files, comps = _write_outputs(rows, variants, seeds, out, plan.backbone, split, plan.preset_name,
+                                                  plan.paired_bootstrap, exp)
+                    written = len(rows)
+            if not complete:
+                break
+        if rows and written != len(rows):
+            files, comps = _write_outputs(rows, variants, seeds, out, plan.backbone, split, plan.preset_name,
+                                          plan.paired_bootstrap, exp)
+        exp.add_artifacts(files)
+    return AblationResult(out, split, rows, comps, seed_summary(rows, variants), new_runs, complete,
+                          float(exp.state["wall_s"]), exp.parent_run_id, exp.tracking_uri, files)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ffcl_monai.ablate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -638,35 +835,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from ffcl_monai.redaction import redact_uri
     from ffcl_monai.workflows import runner
-    from ffcl_monai.workflows.experiment import Experiment
-    from ffcl_monai.workflows.ffcl import run_ffcl
 
-    datalist = str(Path(args.datalist).resolve())
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    try:
-        parsed = [parse_variant(v) for v in variants]
-        seeds = parse_seeds(args.seeds)
-        preset = preset_file(args.preset) if args.preset else None
-    except ValueError as e:
-        p.error(str(e))
-    if args.paired_bootstrap < 1:
-        p.error("--paired-bootstrap must be at least 1")
-    if any(init == "imagenet" for _, init in parsed):
-        if not args.imagenet_weights or not os.path.isfile(args.imagenet_weights):
-            p.error("*-imagenet variants need --imagenet-weights <torchvision ResNet state-dict file> (nothing is downloaded)")
-    split = args.split
-    if split == "auto":
-        split = "test" if _has_split(datalist, "test") else "validation"
-    if not _has_split(datalist, split):
-        p.error(f"the datalist has no '{split}' split to tabulate")
-    header = _header(datalist)
-    dims = 3 if header.get("spatial_dims", 2) == 3 else 2
-    out = Path(args.output_dir).resolve()
-    overrides: dict[str, Any] = {"datalist": datalist, "backbone": args.backbone, "experiment_name": args.experiment_name}
-    if header.get("class_names"):
-        overrides["class_names"] = header["class_names"]
-    if args.image_size:
-        overrides["image_size"] = [args.image_size] * dims
+    overrides: dict[str, Any] = {}
     for key, flag in [("local_epochs", args.local_epochs), ("global_epochs", args.global_epochs),
                       ("max_epochs", args.max_epochs), ("batch_size", args.batch_size)]:
         if flag is not None:
@@ -675,66 +845,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides.update(runner.parse_overrides(args.set))
     except ValueError as e:
         p.error(str(e))
-    if "seed" in overrides:
-        p.error(f"--set seed={overrides['seed']}: the training seeds are given by --seeds "
-                f"(e.g. --seeds {overrides['seed']})")
-    settings = json.loads(json.dumps({"preset": preset, "overrides": overrides}, default=str))
-    conflict = _check_settings(out, settings)
-    if conflict:
-        p.error(conflict)
-    entry = ["train.yaml", "ffcl.yaml", *([preset] if preset else [])]
-    preset_name = preset[:-5] if preset else "none"
-
-    rows: list[dict[str, Any]] = []
-    files: list[Path] = []
-    written = -1
-    with Experiment(out, "ablation", experiment_name=args.experiment_name, run_name=f"ablation:{out.name}") as exp:
-        exp.state["settings"] = settings
-        exp.save()
-        exp.log_params({"datalist": datalist, "backbone": args.backbone, "variants": ",".join(variants), "split": split,
-                        "seeds": ",".join(map(str, seeds)), "preset": preset_name,
-                        "paired_bootstrap": args.paired_bootstrap,
-                        "references": ",".join(f"{v}:{reference_for(v, variants)}" for v in variants
-                                               if reference_for(v, variants)) or "none",
-                        **{k: v for k, v in overrides.items() if k != "datalist"}})
-        for seed in seeds:
-            for variant, (approach, init) in zip(variants, parsed):
-                stages, approach_name, contrastive = APPROACHES[approach]
-                init_value = "random" if init == "random" else f"imagenet:{os.path.abspath(args.imagenet_weights)}"
-                name = step_name(variant, seed)
-                ran = not exp.done(name)
-                summary = exp.step(name, run_ffcl, entry, {
-                    **overrides, "seed": seed, "output_dir": str(exp.step_dir(name)), "tracking_uri": exp.tracking_uri,
-                    "stages": stages, "init": init_value, "run_name": name}, parent_run_id=exp.parent_run_id)
-                metrics = json.loads((exp.step_dir(name) / f"evaluate_{split}" / "metrics.json").read_text())
-                mets, fixed = robust_binary_auc(metrics["metrics"], metrics.get("class_names"))
-                if fixed:
-                    print(f"note: {name}: AUC taken from the unsaturated class column (float32 softmax saturation)")
-                rows.append({"variant": variant, "seed": seed, "dir": str(exp.step_dir(name)),
-                             "approach": approach_name, "contrastive": contrastive,
-                             "init": "ImageNet" if init == "imagenet" else "random",
-                             "metrics": mets, "auc_fixed": fixed, "n": metrics.get("n"),
-                             "task": metrics.get("task", header.get("task", "binary")),
-                             "wall_s": summary.get("wall_s", float("nan"))})
-                if ran:  # tables after every new run: an interrupted ablation has them up to its last run
-                    files = _write_outputs(rows, variants, seeds, out, args.backbone, split, preset_name,
-                                           args.paired_bootstrap, exp)
-                    written = len(rows)
-        if written != len(rows):
-            files = _write_outputs(rows, variants, seeds, out, args.backbone, split, preset_name, args.paired_bootstrap,
-                                   exp)
-        exp.add_artifacts(files)
+    try:
+        plan = plan_ablation(args.datalist, args.output_dir, args.variants, args.seeds, backbone=args.backbone,
+                             preset=args.preset, image_size=args.image_size, overrides=overrides, split=args.split,
+                             imagenet_weights=args.imagenet_weights, paired_bootstrap=args.paired_bootstrap,
+                             experiment_name=args.experiment_name)
+    except AblationError as e:
+        p.error(str(e))
+    except UserInputError as e:  # the datalist header: outside input, refused naming the key
+        raise SystemExit(f"error: {e}") from None
+    res = run_ablation(plan)
+    out = res.out
     print("\n" + (out / "table.md").read_text())
-    print(f"ablation wall time (all invocations): {exp.state['wall_s']:.0f} s; sum of run wall times: "
-          f"{sum(r['wall_s'] for r in rows):.0f} s")
+    print(f"ablation wall time (all invocations): {res.wall_s:.0f} s; sum of run wall times: "
+          f"{sum(r['wall_s'] for r in res.rows):.0f} s")
     print(f"files: {out}/table.md, table.csv, table.png, paired.csv; MLflow: mlflow ui --backend-store-uri "
-          f"{redact_uri(exp.tracking_uri)}")
+          f"{redact_uri(res.tracking_uri)}")
     return 0
 
 
 def _write_outputs(rows: list[dict[str, Any]], variants: Sequence[str], seeds: Sequence[int], out: Path,
-                   backbone: str, split: str, preset: str, n_bootstrap: int, exp: Any) -> list[Path]:
-    """Tables, paired comparison, plot and parent-run metrics from the runs finished so far (rewritten after each)."""
+                   backbone: str, split: str, preset: str, n_bootstrap: int,
+                   exp: Any) -> tuple[list[Path], list[dict[str, Any]]]:
+    """Tables, paired comparison, plot and parent-run metrics from the runs finished so far (rewritten after each);
+    returns the files and the paired comparisons."""
     n = rows[0].get("n")
     note = f", seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, preset: {preset}"
     comps = paired_comparisons(rows, variants, split, n_bootstrap)
@@ -756,7 +890,7 @@ def _write_outputs(rows: list[dict[str, Any]], variants: Sequence[str], seeds: S
     files.append(plot_summary(summary, comps, out / "table.png", f"{backbone}, {split} split{note}"))
     exp.metrics.update(seed_metrics(rows, summary, comps, split))
     exp.metrics["n_seeds"] = float(len({r["seed"] for r in rows}))
-    return files
+    return files, comps
 
 
 if __name__ == "__main__":

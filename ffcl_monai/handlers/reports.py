@@ -11,8 +11,6 @@ cached tensors carry no metadata (``track_meta=False``), so the position is the 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
@@ -29,7 +27,7 @@ from ffcl_monai.evaluation.operating_point import REFERENCE_SPLIT, Assessment, a
 from ffcl_monai.handlers.metrics import HEADLINE, bootstrap_ci, confusion_matrix, log_odds, probabilities
 from ffcl_monai.handlers.mlflow_tracking import log_report
 from ffcl_monai.handlers.plots import plot_confusion, plot_reliability, plot_roc
-from ffcl_monai.networks.checkpoints import atomic_write_text
+from ffcl_monai.networks.checkpoints import atomic_write_text, csv_text
 
 logger = logging.getLogger(__name__)
 
@@ -51,15 +49,6 @@ def _relative(path: str, base: str | None) -> str:
         except ValueError:
             pass
     return os.path.basename(path)
-
-
-def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """CSV content (written through :func:`atomic_write_text`, so a crash never leaves half a file)."""
-    buf = io.StringIO(newline="")
-    w = csv.writer(buf)
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
 
 
 def _ci(m: dict[str, Any]) -> str:
@@ -303,7 +292,7 @@ class TestReport:
                          *[f"{v:.6f}" for v in p]])
         header = ["image", "label", "predicted", *(["predicted_at_threshold"] if decisions is not None else []),
                   *[f"prob_{c}" for c in self.class_names]]
-        atomic_write_text(pred_path, _csv_text(header, rows))
+        atomic_write_text(pred_path, csv_text(header, rows))
         files = [metrics_path, pred_path]
         values = {k: m["value"] for k, m in self.metrics.items()}
         files.append(plot_roc(probs, labels, self.task, self.class_names, self.dir / "roc.png", values))
@@ -346,6 +335,6 @@ class InferenceWriter:
             for item, p in zip(self.data, probs)
         ]
         atomic_write_text(self.dir / "inference.json", json.dumps(rows, indent=2))
-        atomic_write_text(self.dir / "inference.csv", _csv_text(
+        atomic_write_text(self.dir / "inference.csv", csv_text(
             ["image", *self.class_names], [[r["image"], *[f"{r[c]:.6f}" for c in self.class_names]] for r in rows]))
         print(f"class probabilities for {len(rows)} image(s): {self.dir / 'inference.csv'}", flush=True)

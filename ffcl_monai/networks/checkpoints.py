@@ -8,8 +8,11 @@ rename). The handlers that save during training are in :mod:`ffcl_monai.handlers
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +73,15 @@ def atomic_save(obj: Any, path: str | os.PathLike, keep_previous: bool = False) 
     checkpoint under the real name, and a failed write leaves no temporary file. ``keep_previous`` keeps the replaced
     file as one older generation (:func:`previous_generation`)."""
     return _atomic_write(path, lambda f: torch.save(obj, f), keep_previous)
+
+
+def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """CSV content (written through :func:`atomic_write_text`, so a crash never leaves half a file)."""
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
