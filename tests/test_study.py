@@ -67,10 +67,10 @@ def _fake_pipeline(calls: list):
             y = np.array([it["label"] for it in items])
             # images hard for one model are hard for the others of the same seed (as real models on the same
             # images): a shared noise per (seed, split, datalist) and a smaller one of the run's own
-            shared = np.random.default_rng(zlib.crc32(f"{overrides['seed']}/{split}/{dl}".encode()))
+            shared = np.random.default_rng(zlib.crc32(f"{overrides['seed']}/{split}/{dl.parent.name}/{dl.name}".encode()))
             own = np.random.default_rng(zlib.crc32(f"{overrides['stages']}/{_strength(overrides)}/{overrides['seed']}"
-                                                   f"/{split}/{dl}".encode()))
-            noise = 0.9 * shared.normal(size=len(y)) + 0.45 * own.normal(size=len(y))
+                                                   f"/{split}/{dl.parent.name}/{dl.name}".encode()))
+            noise = 0.5 * shared.normal(size=len(y)) + 0.25 * own.normal(size=len(y))
             p1 = 1 / (1 + np.exp(-(_strength(overrides) * (2 * y - 1) + noise)))
             probs = np.stack([1 - p1, p1], 1)
             rep = TestReport(items, out / f"evaluate_{split}", "binary", ["A", "B"], datalist_dir=str(dl.parent))
