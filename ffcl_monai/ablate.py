@@ -140,10 +140,9 @@ def preset_file(name: str) -> str:
     stem = name[:-5] if name.endswith(".yaml") else name
     presets = available_presets()
     if stem not in presets:
-        from ffcl_monai.workflows.runner import configs_dir
-
-        raise ValueError(f"--preset {name!r}: no overlay {configs_dir() / (stem + '.yaml')}; available overlays: "
-                         f"{', '.join(presets) or 'none'}.")
+        raise ValueError(f"--preset {name!r}: no overlay {stem}.yaml among the presets of the FFCL program in "
+                         "bundle/configs (workflow files and other workflows' overlays, such as multitask.yaml or "
+                         f"the seed overlays, are not presets); available overlays: {', '.join(presets) or 'none'}.")
     return f"{stem}.yaml"
 
 
