@@ -51,6 +51,17 @@ class PrepareTargetsBatch:
         return to(batchdata[self.image_key]), targets
 
 
+def head_report(loss_function: Any) -> dict[str, Any]:
+    """Per auxiliary head, the last batch's ``loss_<field>`` (NaN when no target was known) and ``known_<field>``
+    (how many targets were known: the weight of the epoch mean), read from ``loss_function.last``."""
+    last = loss_function.last
+    report: dict[str, Any] = {}
+    for name in loss_function.heads:
+        report[f"loss_{name}"] = last.get(f"loss_{name}", float("nan"))
+        report[f"known_{name}"] = last.get(f"known_{name}", 0.0)
+    return report
+
+
 class AuxiliaryTrainer(BaseTrainer):
     """Trainer for multi-head auxiliary-target pretraining, a :class:`~ffcl_monai.engines.base.BaseTrainer`.
 
@@ -89,11 +100,7 @@ class AuxiliaryTrainer(BaseTrainer):
 
     def compute_loss(self, pred: Any, targets: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         loss = self.loss_function(pred, targets)
-        report: dict[str, Any] = {"loss": loss.detach()}
-        for name in self.loss_function.heads:
-            report[f"loss_{name}"] = self.loss_function.last.get(f"loss_{name}", float("nan"))
-            report[f"known_{name}"] = self.loss_function.last.get(f"known_{name}", 0.0)
-        return loss, report
+        return loss, {"loss": loss.detach(), **head_report(self.loss_function)}
 
 
 class MultiTaskTrainer(BaseTrainer):
@@ -150,7 +157,4 @@ class MultiTaskTrainer(BaseTrainer):
             f"loss_{self.label_key}": last[f"loss_{self.label_key}"],
             f"known_{self.label_key}": float(len(targets[self.label_key])),
         }
-        for name in self.loss_function.heads:
-            report[f"loss_{name}"] = last.get(f"loss_{name}", float("nan"))
-            report[f"known_{name}"] = last.get(f"known_{name}", 0.0)
-        return loss, report
+        return loss, {**report, **head_report(self.loss_function)}
