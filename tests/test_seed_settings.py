@@ -57,6 +57,9 @@ SEED002 = {
     "val_source": "none",  # model.fit on all of x_train, no validation
     "max_shift": 0,
     "lr_schedule": "constant",
+    "image_size": [28, 28],  # MNIST, dims=[784, ...]
+    "label_scale": 1.0,  # overlay_y_on_x: one-hot x the image maximum, unscaled
+    "weight_decay": 0.0,  # keras Adam's default
 }
 # Seed 003, Sadam & Bui-Thanh, "Notes on the Forward-Forward Algorithm", section 4 and the adj_FFA0_0 row.
 SEED003 = {
@@ -68,6 +71,9 @@ SEED003 = {
     "batch_size": 50,  # Start 50
     "learning_rate": 0.001,  # Rate 1e-3
     "prediction": "goodness",  # "the label with the highest probability is chosen"
+    "image_size": [28, 28],  # MNIST, 784 inputs
+    "goodness": "sum",  # Eq. 3.5: g = ||a||^2
+    "weight_decay": 0.0,  # none in the notes
 }
 
 
