@@ -45,7 +45,17 @@ def test_ff_workflow_writes_metrics(tmp_path, overrides) -> None:
         n_bootstrap=20,
         **overrides,
     )
-    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    report = json.loads((out / "metrics.json").read_text())
+    metrics = report["metrics"]
+    # operating point as evaluate.yaml: chosen on the model-selection split, applied to the test split; without a
+    # validation split (val_source: none) nothing is fitted and the rule is the fixed 0.5
+    op = report["operating_point"]
+    if overrides["val_source"] == "none":
+        assert op["chosen_on"] == "fixed" and op["at_threshold"]["threshold"] == pytest.approx(0.5)
+    else:
+        assert op["rule"] == "youden" and op["chosen_on"] == "validation" and op["same_split"] is False
+        assert op["n_chosen_on"] > 0 and 0.0 < op["at_threshold"]["threshold"] < 1.0
+    assert report["calibration"]["ece"] >= 0.0
     for key in ("accuracy", "f1", "auc"):
         assert {"value", "ci_low", "ci_high"} <= set(metrics[key])
     assert (out / "models" / "model.pt").is_file()

@@ -252,7 +252,8 @@ class TestReport:
         files = self.write_files(probs, labels)
         table = format_metrics_table(self.metrics, operating_point=self.assessment.operating_point,
                                      calibration=self.assessment.calibration)
-        print("\nTest metrics (bootstrap 95% CI, n={}):\n{}".format(len(labels), table), flush=True)
+        split = (self.split or "test").capitalize()  # the split's own name: a validation report is not a test result
+        print("\n{} metrics (bootstrap 95% CI, n={}):\n{}".format(split, len(labels), table), flush=True)
         if self.tracking_uri:
             flat: dict[str, float] = {}
             for k, m in self.metrics.items():
