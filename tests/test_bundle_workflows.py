@@ -68,7 +68,8 @@ def test_train_evaluate_infer_cli(tiny2d, tmp_path):
     model = out / "models" / "model.pt"
     assert model.is_file() and (out / "checkpoints" / "resume.pt").is_file()
     ckpt = torch.load(model, weights_only=True)
-    assert set(ckpt) == {"model"}
+    assert set(ckpt) == {"model", "input"}  # the weights and the inputs they were trained on
+    assert ckpt["input"] == {"in_channels": 1, "input_norm": "none", "image_size": [32, 32]}
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2]
     assert all({"train_loss", "lr", "val_auc", "val_accuracy", "val_f1"} <= set(h) for h in history)
@@ -95,6 +96,12 @@ def test_train_evaluate_infer_cli(tiny2d, tmp_path):
     by_name = {Path(r["image"]).name: float(r["prob_PNEUMONIA"]) for r in rows}
     for item in inferred:
         assert abs(item["PNEUMONIA"] - by_name[Path(item["image"]).name]) < 1e-4
+
+    # the model fed other inputs would run and predict nonsense: refused, naming the key and the training's value
+    r = bundle_cli(["run", "--config_file", str(cfg("inference.yaml")), *common, "--input_norm", "imagenet",
+                    "--checkpoint", str(model), "--output_dir", str(out / "infer_wrong")])
+    assert r.returncode != 0 and "input_norm='none'" in r.stderr + r.stdout and "--input_norm 'none'" in r.stderr + r.stdout
+    assert not (out / "infer_wrong" / "inference.json").exists()
 
     # MLflow: params, per-epoch curves, validation metrics, test metrics with CIs and artifacts are in the store
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlruns.db'}")

@@ -93,3 +93,23 @@ def test_oct_overlay_trains_on_mixed_grey_and_rgb_files(tmp_path, capsys):
     state = state.get("model", state)
     assert state["head.weight"].shape[0] == 4
     assert (CONFIGS / "oct.yaml").is_file()
+
+
+def test_checkpoint_refuses_other_inputs_and_warns_about_size(tmp_path, caplog):
+    """models/model.pt records in_channels / input_norm / image_size; loading it for other inputs is refused (another
+    channel count or normalisation runs silently wrong), another size is a warning, and old checkpoints load."""
+    from ffcl_monai.networks.checkpoints import atomic_save, load_model
+
+    net = torch.nn.Linear(2, 2)
+    trained = {"in_channels": 3, "input_norm": "imagenet", "image_size": [224, 224]}
+    path = atomic_save({"model": net.state_dict(), "input": trained}, tmp_path / "model.pt")
+    load_model(torch.nn.Linear(2, 2), path, expect={"in_channels": "3", "input_norm": "ImageNet", "image_size": (224, 224)})
+    with pytest.raises(ValueError, match=r"input_norm='imagenet'.*--input_norm 'imagenet'"):
+        load_model(torch.nn.Linear(2, 2), path, expect={**trained, "input_norm": "none"})
+    with pytest.raises(ValueError, match=r"in_channels=3"):
+        load_model(torch.nn.Linear(2, 2), path, expect={**trained, "in_channels": 1})
+    with caplog.at_level("WARNING"):
+        load_model(torch.nn.Linear(2, 2), path, expect={**trained, "image_size": [64, 64]})
+    assert "image_size=[224, 224]" in caplog.text
+    old = atomic_save({"model": net.state_dict()}, tmp_path / "old.pt")  # written before inputs were recorded
+    load_model(torch.nn.Linear(2, 2), old, expect={**trained, "input_norm": "none"})

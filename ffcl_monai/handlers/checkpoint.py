@@ -88,15 +88,23 @@ class BestModelSaver:
     :class:`~ffcl_monai.handlers.training.FiniteBestMetric`, which also keeps it from blocking later epochs).
     """
 
-    def __init__(self, path: str | os.PathLike, network: torch.nn.Module) -> None:
+    def __init__(self, path: str | os.PathLike, network: torch.nn.Module,
+                 model_input: dict[str, Any] | None = None) -> None:
+        """``model_input``: the input settings the model is trained on (in_channels, input_norm, image_size), stored as
+        ``"input"`` beside the weights so that evaluation and inference can refuse a mismatch
+        (:func:`ffcl_monai.networks.checkpoints.check_model_input`)."""
         self.path = Path(path)
         self.network = network
+        self.model_input = dict(model_input or {})
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
         if engine.state.best_metric_epoch == engine.state.epoch and _finite_number(engine.state.best_metric):
-            atomic_save({"model": unwrap_module(self.network).state_dict()}, self.path)
+            payload: dict[str, Any] = {"model": unwrap_module(self.network).state_dict()}
+            if self.model_input:
+                payload["input"] = self.model_input
+            atomic_save(payload, self.path)
             logger.info("new best %s=%.4f at epoch %d -> %s", engine.state.key_metric_name,
                         engine.state.best_metric, engine.state.epoch, self.path)

@@ -164,9 +164,50 @@ def load_backbone(target: nn.Module, path: str | os.PathLike, max_missing_fracti
     return {"missing": missing, "unexpected": unexpected}
 
 
-def load_model(network: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
-    """Load a ``{"model": state_dict}`` (or bare state dict) classifier checkpoint with ``weights_only=True``."""
+# What a classifier checkpoint records of the input it was trained on (train.yaml's BestModelSaver `extra`). A model
+# fed other channels or another normalisation still runs and silently predicts garbage, so loading it that way is
+# refused; another image size only degrades it (global pooling), so that is a warning.
+INPUT_KEYS_REFUSED = ("in_channels", "input_norm")
+INPUT_KEYS_WARNED = ("image_size",)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as settings: 3 == "3", "ImageNet" == "imagenet", [64, 64] == (64, 64)."""
+    def norm(v: Any) -> Any:
+        return tuple(norm(x) for x in v) if isinstance(v, (list, tuple)) else str(v).strip().lower()
+    return norm(a) == norm(b)
+
+
+def check_model_input(saved: dict[str, Any], expect: dict[str, Any], path: str | os.PathLike) -> None:
+    """Compare the input settings recorded in a checkpoint with the config's; raise naming the keys to set.
+
+    Keys the checkpoint does not record (checkpoints written before they were saved) are not checked.
+    """
+    refused = {k: (saved[k], expect[k]) for k in INPUT_KEYS_REFUSED if k in saved and k in expect and not _same(saved[k], expect[k])}
+    if refused:
+        fix = " ".join(f"--{k} {saved_v!r}" for k, (saved_v, _) in refused.items())
+        raise ValueError(
+            f"checkpoint {path} was trained on inputs with "
+            + ", ".join(f"{k}={saved_v!r}" for k, (saved_v, _) in refused.items())
+            + ", but the config prepares " + ", ".join(f"{k}={exp!r}" for k, (_, exp) in refused.items())
+            + f"; its predictions would be meaningless. Give the training's values ({fix}) to this workflow."
+        )
+    for k in INPUT_KEYS_WARNED:
+        if k in saved and k in expect and not _same(saved[k], expect[k]):
+            logger.warning("checkpoint %s was trained at %s=%s, the config uses %s: predictions may degrade; "
+                           "give --%s %s for the training's setting.", path, k, saved[k], expect[k], k, saved[k])
+
+
+def load_model(network: nn.Module, path: str | os.PathLike, strict: bool = True,
+               expect: dict[str, Any] | None = None) -> nn.Module:
+    """Load a ``{"model": state_dict}`` (or bare state dict) classifier checkpoint with ``weights_only=True``.
+
+    ``expect``: the config's input settings (``in_channels``, ``input_norm``, ``image_size``), checked against what
+    the checkpoint records (:func:`check_model_input`) before the weights are loaded.
+    """
     ckpt = safe_load(path)
+    if expect and isinstance(ckpt, dict) and isinstance(ckpt.get("input"), dict):
+        check_model_input(ckpt["input"], expect, path)
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
     target = getattr(network, "module", network)
     try:
