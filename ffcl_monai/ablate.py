@@ -385,13 +385,13 @@ def paired_comparisons(rows: list[dict[str, Any]], variants: Sequence[str], spli
     check_same_images(list(preds.values()))
     first = preds[keys[0]]
     jb = joint_bootstrap({k: p.probs for k, p in preds.items()}, first.labels, task, first.class_names, n_bootstrap,
-                         PAIRED_SEED)
+                         PAIRED_SEED, scores_by_model={k: p.scores for k, p in preds.items()})
     comps = []
     for v, ref, seeds in specs:
         per_seed: dict[int, dict[str, Any]] = {}
         for s in seeds:
             per_seed[s] = {m: jb.delta((v, s), (ref, s), m, alpha) for m in HEADLINE}
-            per_seed[s]["delong"] = binary_delong(preds[(v, s)].probs, preds[(ref, s)].probs, first.labels, task, alpha)
+            per_seed[s]["delong"] = binary_delong(preds[(v, s)].scores, preds[(ref, s)].scores, first.labels, task, alpha)
         pooled = {m: jb.pooled([((v, s), (ref, s)) for s in seeds], m, alpha) for m in HEADLINE}
         comps.append({"variant": v, "reference": ref, "seeds": seeds, "per_seed": per_seed, "pooled": pooled,
                       "task": task, "n": len(first.labels)})
@@ -427,8 +427,9 @@ def paired_markdown(comps: list[dict[str, Any]], split: str, n_bootstrap: int, v
         f"{n_bootstrap} resamples, percentile interval" + ("; DeLong's test for the AUC difference." if binary else
         "; DeLong's test applies per class for a multi-class or multi-label task and is not defined for the macro "
         "AUC: bootstrap only."),
-        "Δ is computed from predictions.csv (probabilities to 6 decimals), the table above from full-precision "
-        "scores: they can differ slightly when probabilities saturate.",
+        "Δ is computed from predictions.csv: accuracy from its probabilities, AUC from its full-precision log-odds "
+        "(score_<class>), the scores behind the table above (files without them: the 6-decimal probabilities, "
+        "which tie when a model saturates).",
         "",
         "| Variant | Reference | Seed | " + " | ".join(f"{t} [95% CI]" for _, t in DELTA_METRICS)
         + " | DeLong p (AUC) |",

@@ -238,7 +238,56 @@ def test_read_predictions_from_the_report_writer(tmp_path):
     p = read_predictions(tmp_path / "a" / "predictions.csv", "binary")
     assert p.images == [f"imgs/{i}.png" for i in range(12)] and p.class_names == ["N", "P"]
     assert np.array_equal(p.labels, y) and np.allclose(p.probs, probs, atol=5e-7)
-    shuffled = type(p)(p.path.with_name("other.csv"), p.images[::-1], p.labels[::-1], p.probs, p.class_names)
+    shuffled = type(p)(p.path.with_name("other.csv"), p.images[::-1], p.labels[::-1], p.probs, p.class_names,
+                       p.scores)
     with pytest.raises(ValueError, match="same images"):
         check_same_images([p, shuffled])
     check_same_images([p, p])
+
+
+def test_saturated_models_are_compared_on_full_precision_scores(tmp_path):
+    """Confident models' probabilities round to 1.000000 / 0.000000 in predictions.csv and tie there; the paired
+    comparison must rank images by the full-precision log-odds the report also writes (score_<class>), so that its
+    AUC is the report's own (metrics.json), not a lower one made by rounding."""
+    import torch
+
+    from ffcl_monai.evaluation.paired import binary_delong
+    from ffcl_monai.handlers.metrics import log_odds, probabilities
+    from ffcl_monai.handlers.reports import TestReport
+
+    rng = np.random.default_rng(3)
+    y = np.array([0, 1] * 20)
+    data = [{"image": str(tmp_path / f"{i}.png")} for i in range(len(y))]
+    read = {}
+    for name, shift in (("a", 4.0), ("b", 2.0)):
+        # a model sure that every image is positive (p rounds to 1.000000), positives a little surer than negatives
+        z = 25.0 + shift * y + rng.normal(scale=2.0, size=len(y))
+        logits = torch.tensor(np.stack([-z / 2, z / 2], 1))
+        probs, scores = probabilities(logits, "binary").numpy(), log_odds(logits, "binary").numpy()
+        rep = TestReport(data, tmp_path / name, "binary", ["N", "P"], datalist_dir=str(tmp_path))
+        rep.metrics = bootstrap_ci(probs, y, "binary", ["N", "P"], n_bootstrap=5, scores=scores)
+        rep.write_files(probs, y, scores=scores)
+        p = read_predictions(tmp_path / name / "predictions.csv", "binary")
+        np.testing.assert_array_equal(p.scores, scores)  # written at full precision
+        rounded_auc = classification_metrics(p.probs, y, "binary", ["N", "P"])["auc"]
+        assert rounded_auc < rep.metrics["auc"]["value"] - 0.01  # the 6-decimal probabilities lose the ranking
+        read[name] = (p, rep.metrics["auc"]["value"])
+    jb = joint_bootstrap({k: p.probs for k, (p, _) in read.items()}, y, "binary", ["N", "P"], n_bootstrap=50,
+                         scores_by_model={k: p.scores for k, (p, _) in read.items()})
+    for k, (_, auc) in read.items():
+        assert jb.point[k]["auc"] == pytest.approx(auc, abs=1e-12)
+    d = binary_delong(read["a"][0].scores, read["b"][0].scores, y, "binary")
+    assert d.auc_a == pytest.approx(read["a"][1], abs=1e-12) and d.auc_b == pytest.approx(read["b"][1], abs=1e-12)
+
+
+def test_predictions_without_score_columns_fall_back_to_probabilities(tmp_path):
+    """Files written before the score columns existed still read, ranking by the probabilities."""
+    rng = np.random.default_rng(4)
+    probs, y = _binary(10, rng, 1.0)
+    from ffcl_monai.handlers.reports import TestReport
+
+    rep = TestReport([{"image": f"{i}.png"} for i in range(10)], tmp_path, "binary", ["N", "P"])
+    rep.metrics = bootstrap_ci(probs, y, "binary", ["N", "P"], n_bootstrap=5)
+    rep.write_files(probs, y)
+    p = read_predictions(tmp_path / "predictions.csv", "binary")
+    assert np.array_equal(p.scores, p.probs)

@@ -179,13 +179,17 @@ class Predictions:
     labels: np.ndarray  # (N,) class index, or (N, C) 0/1/-1 for multi-label
     probs: np.ndarray  # (N, C)
     class_names: list[str]
+    scores: np.ndarray  # (N, C) full-precision ranking scores (score_<class>); the probabilities in older files
 
 
 def read_predictions(path: str | Path, task: str) -> Predictions:
-    """Read ``predictions.csv`` (columns ``image, label, predicted, prob_<class>...``; multi-label labels ``0|1|-1``).
+    """Read ``predictions.csv`` (columns ``image, label, predicted, prob_<class>..., score_<class>...``; multi-label
+    labels ``0|1|-1``).
 
     Probabilities are stored with 6 decimals: a confidently saturated softmax reads as 1.000000 / 0.000000, which
-    ties those images in an AUC computed from the file (``metrics.json`` uses full-precision log-odds instead).
+    would tie those images in an AUC. The ``score_<class>`` columns hold the report's full-precision log-odds, the
+    scores ``metrics.json``'s AUCs rank by; ``scores`` are those (files written before they existed: the
+    probabilities, with the ties).
     """
     path = Path(path)
     try:
@@ -200,15 +204,18 @@ def read_predictions(path: str | Path, task: str) -> Predictions:
         raise UserInputError(f"{path} has no prob_<class> columns")
     names = [rows[0][i][len("prob_"):] for i in cols]
     body = rows[1:]
+    score_cols = [rows[0].index(f"score_{c}") for c in names if f"score_{c}" in rows[0]]
     try:
         probs = np.array([[float(r[i]) for i in cols] for r in body], dtype=np.float64).reshape(len(body), len(cols))
+        scores = (np.array([[float(r[i]) for i in score_cols] for r in body], dtype=np.float64).reshape(probs.shape)
+                  if len(score_cols) == len(cols) else probs)
         if task == "multilabel":
             labels = np.array([[int(v) for v in r[1].split("|")] for r in body], dtype=np.int64).reshape(len(body), -1)
         else:
             labels = np.array([int(r[1]) for r in body], dtype=np.int64)
     except (ValueError, IndexError) as e:
         raise UserInputError(f"{path}: unreadable row ({e}); rerun the evaluate step that wrote it") from None
-    return Predictions(path, [r[0] for r in body], labels, probs, names)
+    return Predictions(path, [r[0] for r in body], labels, probs, names, scores)
 
 
 def check_same_images(preds: Sequence[Predictions]) -> None:
@@ -272,7 +279,8 @@ class JointBootstrap:
 
 def joint_bootstrap(probs_by_model: Mapping[Hashable, np.ndarray], labels: np.ndarray, task: str,
                     class_names: Sequence[str] | None = None, n_bootstrap: int = 1000, seed: int = 0,
-                    metrics: Sequence[str] = HEADLINE, keep_indices: bool = False) -> JointBootstrap:
+                    metrics: Sequence[str] = HEADLINE, keep_indices: bool = False,
+                    scores_by_model: Mapping[Hashable, np.ndarray] | None = None) -> JointBootstrap:
     """Score every model on the same ``n_bootstrap`` resamples of the images (module docstring).
 
     Args:
@@ -282,6 +290,8 @@ def joint_bootstrap(probs_by_model: Mapping[Hashable, np.ndarray], labels: np.nd
         n_bootstrap, seed: the resamples (:func:`bootstrap_indices`).
         metrics: which metrics to keep.
         keep_indices: keep the (B, N) resamples in the result (memory: 8 B N bytes).
+        scores_by_model: ``{model: (N, C) ranking scores}`` for the AUCs (``Predictions.scores``); default the
+            probabilities.
     """
     labels = np.asarray(labels)
     n = len(labels)
@@ -290,9 +300,10 @@ def joint_bootstrap(probs_by_model: Mapping[Hashable, np.ndarray], labels: np.nd
         if len(v) != n:
             raise ValueError(f"model {k!r}: {len(v)} predictions for {n} labels")
     metrics = tuple(metrics)
+    scores = {k: None if scores_by_model is None else np.asarray(scores_by_model[k], dtype=np.float64) for k in probs}
     point = {}
     for k, v in probs.items():
-        values = classification_metrics(v, labels, task, class_names)
+        values = classification_metrics(v, labels, task, class_names, scores[k])
         point[k] = {m: values[m] for m in metrics}
     draws = {k: {m: np.empty(n_bootstrap) for m in metrics} for k in probs}
     kept = np.empty((n_bootstrap, n), dtype=np.int64) if keep_indices else None
@@ -301,7 +312,7 @@ def joint_bootstrap(probs_by_model: Mapping[Hashable, np.ndarray], labels: np.nd
             kept[b] = idx
         y = labels[idx]
         for k, v in probs.items():  # one resample, every model: the pairing
-            values = classification_metrics(v[idx], y, task, class_names)
+            values = classification_metrics(v[idx], y, task, class_names, None if scores[k] is None else scores[k][idx])
             for m in metrics:
                 draws[k][m][b] = values[m]
     return JointBootstrap(point, draws, n_bootstrap, seed, kept, metrics)

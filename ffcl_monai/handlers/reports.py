@@ -249,7 +249,7 @@ class TestReport:
             reference_name=getattr(self.reference, "name", REFERENCE_SPLIT), same_split=same_split,
             n_bootstrap=self.n_bootstrap, seed=self.seed,
         )
-        files = self.write_files(probs, labels)
+        files = self.write_files(probs, labels, scores=scores)
         table = format_metrics_table(self.metrics, operating_point=self.assessment.operating_point,
                                      calibration=self.assessment.calibration)
         split = (self.split or "test").capitalize()  # the split's own name: a validation report is not a test result
@@ -268,8 +268,13 @@ class TestReport:
             if self.tracking_uri.startswith("sqlite:///"):
                 print(f"MLflow: mlflow ui --backend-store-uri {self.tracking_uri}", flush=True)
 
-    def write_files(self, probs: np.ndarray, labels: np.ndarray) -> list[Path]:
-        """Write metrics.json, predictions.csv, plots and the dataset summary; return their paths."""
+    def write_files(self, probs: np.ndarray, labels: np.ndarray, scores: np.ndarray | None = None) -> list[Path]:
+        """Write metrics.json, predictions.csv, plots and the dataset summary; return their paths.
+
+        ``scores``: the (N, C) ranking scores behind the AUCs (log-odds, :func:`~ffcl_monai.handlers.metrics.log_odds`),
+        written at full precision as ``score_<class>`` columns: the 6-decimal probabilities of a confident model round
+        to 0 or 1 and tie, so a paired comparison read from the file (:mod:`ffcl_monai.evaluation.paired`) ranks by
+        these instead and gets the AUCs of ``metrics.json``."""
         metrics_path = self.dir / "metrics.json"
         content: dict[str, Any] = {
             "task": self.task, "class_names": self.class_names, "n": int(len(labels)), "n_bootstrap": self.n_bootstrap,
@@ -289,10 +294,12 @@ class TestReport:
             )
             label = "|".join(str(int(v)) for v in np.atleast_1d(y)) if self.task == "multilabel" else int(y)
             extra = [self.class_names[int(decisions[i])]] if decisions is not None else []
+            score = [f"{v:.17g}" for v in scores[i]] if scores is not None else []  # round-trips a float64
             rows.append([_relative(item["image"], self.datalist_dir), label, predicted, *extra,
-                         *[f"{v:.6f}" for v in p]])
+                         *[f"{v:.6f}" for v in p], *score])
         header = ["image", "label", "predicted", *(["predicted_at_threshold"] if decisions is not None else []),
-                  *[f"prob_{c}" for c in self.class_names]]
+                  *[f"prob_{c}" for c in self.class_names],
+                  *([f"score_{c}" for c in self.class_names] if scores is not None else [])]
         atomic_write_text(pred_path, csv_text(header, rows))
         files = [metrics_path, pred_path]
         values = {k: m["value"] for k, m in self.metrics.items()}
