@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -70,6 +71,8 @@ from typing import Any
 
 from ffcl_monai.errors import UserInputError
 from ffcl_monai.networks.checkpoints import atomic_write_text, csv_text
+
+logger = logging.getLogger(__name__)
 
 APPROACHES: dict[str, tuple[str, str, str]] = {
     # name: (stages key, Table 1 "Approach", Table 1 "Contrastive")
@@ -742,7 +745,7 @@ def _row(variant: str, seed: int, run_dir: Path, split: str, wall_s: float, head
 
 
 def run_ablation(plan: AblationPlan, *, tracking_uri: str | None = None, parent_run_id: str | None = None,
-                 max_new_runs: int | None = None) -> AblationResult:
+                 max_new_runs: int | None = None, prune_resume: bool = False) -> AblationResult:
     """Run (or continue) a planned ablation: one resumable step per (variant, seed), tables after every new run.
 
     Args:
@@ -751,8 +754,10 @@ def run_ablation(plan: AblationPlan, *, tracking_uri: str | None = None, parent_
         parent_run_id: nest the ablation's parent run under this run (a study's).
         max_new_runs: start at most this many runs not finished earlier, then stop cleanly (tables from what is
             done; ``complete`` False). None: all.
+        prune_resume: delete each run's resume checkpoints once it has finished
+            (:func:`~ffcl_monai.workflows.experiment.prune_resume_checkpoints`; ~0.8 GB per ResNet-18 FFCL run).
     """
-    from ffcl_monai.workflows.experiment import Experiment
+    from ffcl_monai.workflows.experiment import Experiment, prune_resume_checkpoints
     from ffcl_monai.workflows.ffcl import run_ffcl
 
     out, variants, seeds, split = plan.out, plan.variants, plan.seeds, plan.split
@@ -792,6 +797,10 @@ def run_ablation(plan: AblationPlan, *, tracking_uri: str | None = None, parent_
                     **overrides, "seed": seed, "output_dir": str(exp.step_dir(name)), "tracking_uri": exp.tracking_uri,
                     "stages": stages, "init": init_value, "run_name": name}, parent_run_id=exp.parent_run_id)
                 new_runs += int(ran)
+                if prune_resume:
+                    freed = prune_resume_checkpoints(exp.step_dir(name))
+                    if freed:
+                        logger.info("%s finished: its resume checkpoints (%.0f MB) deleted (prune_resume)", name, freed / 2**20)
                 rows.append(_row(variant, seed, exp.step_dir(name), split, summary.get("wall_s", float("nan")),
                                  plan.header))
                 if ran:  # tables after every new run: an interrupted ablation has them up to its last run
@@ -831,6 +840,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other config override, e.g. --set local_lr=0.0003 --set averaging=balanced")
     p.add_argument("--experiment-name", default="ffcl_ablation")
+    p.add_argument("--prune-resume", action="store_true",
+                   help="delete each finished run's resume checkpoints (~0.8 GB per ResNet-18 FFCL run); results stay")
     args = p.parse_args(argv)
 
     from ffcl_monai.redaction import redact_uri
@@ -854,7 +865,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(str(e))
     except UserInputError as e:  # the datalist header: outside input, refused naming the key
         raise SystemExit(f"error: {e}") from None
-    res = run_ablation(plan)
+    res = run_ablation(plan, prune_resume=args.prune_resume)
     out = res.out
     print("\n" + (out / "table.md").read_text())
     print(f"ablation wall time (all invocations): {res.wall_s:.0f} s; sum of run wall times: "

@@ -1009,7 +1009,9 @@ def _run_ablation(ctx: _Context, p: PlannedAblation) -> dict[str, Any] | None:
     ctx.say(f"== {p.key} ({'RBP' if p.kind == 'rbp' else p.setting.describe()}), seeds "
             f"{', '.join(map(str, p.seeds))}")
     t0 = time.time()
-    res = run_ablation(plan, tracking_uri=exp.tracking_uri, parent_run_id=exp.parent_run_id, max_new_runs=left)
+    # a study runs ~100 pipelines: finished runs' resume checkpoints (~0.8 GB each) would fill the disk
+    res = run_ablation(plan, tracking_uri=exp.tracking_uri, parent_run_id=exp.parent_run_id, max_new_runs=left,
+                       prune_resume=True)
     ctx.new_runs += res.new_runs
     rec = _record(res)
     partial = exp.state.setdefault("partial", {})

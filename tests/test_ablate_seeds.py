@@ -45,6 +45,12 @@ def _fake_pipeline(calls: list):
         calls.append((out.name, [Path(f).name for f in config_files], overrides["seed"], overrides["stages"]))
         dl = Path(overrides["datalist"])
         content = json.loads(dl.read_text())
+        for step in ("stage1_local", "finetune"):  # what a real run leaves: results and resume checkpoints
+            (out / step / "checkpoints").mkdir(parents=True, exist_ok=True)
+            for f in ("checkpoints/resume.pt", "checkpoints/resume.prev.pt"):
+                (out / step / f).write_bytes(b"x" * 1000)
+        (out / "finetune" / "models").mkdir(exist_ok=True)
+        (out / "finetune" / "models" / "model.pt").write_bytes(b"m")
         for split in ("validation", "test"):
             items = [{**it, "image": str(dl.parent / it["image"])} for it in content[split]]
             y = np.array([it["label"] for it in items])
@@ -275,3 +281,16 @@ def test_real_two_seed_ablation_tiny(tmp_path, monkeypatch):
     mtimes = {n: os.stat(out / n / "finetune" / "models" / "model.pt").st_mtime_ns for n in names}
     assert _ablate(dl, out, *args) == 0
     assert {n: os.stat(out / n / "finetune" / "models" / "model.pt").st_mtime_ns for n in names} == mtimes
+
+
+def test_prune_resume_deletes_finished_runs_resume_checkpoints_only(datalist, tmp_path, fake):
+    """--prune-resume: a finished run's resume checkpoints go (a study would fill the disk with them, ~0.8 GB per
+    ResNet-18 run), its results stay; without the flag everything stays."""
+    kept, pruned = tmp_path / "kept", tmp_path / "pruned"
+    assert _ablate(datalist, kept, "--split", "validation") == 0
+    assert _ablate(datalist, pruned, "--split", "validation", "--prune-resume") == 0
+    for run in ("rbp-random", "ffcl-lg-random"):
+        assert len(list((kept / run).glob("*/checkpoints/resume*.pt"))) == 4
+        assert not list((pruned / run).glob("*/checkpoints/resume*.pt"))
+        assert (pruned / run / "finetune" / "models" / "model.pt").is_file()
+        assert (pruned / run / "evaluate_validation" / "predictions.csv").is_file()
