@@ -164,9 +164,9 @@ def load_backbone(target: nn.Module, path: str | os.PathLike, max_missing_fracti
     return {"missing": missing, "unexpected": unexpected}
 
 
-# What a classifier checkpoint records of the input it was trained on (train.yaml's BestModelSaver `extra`). A model
-# fed other channels or another normalisation still runs and silently predicts garbage, so loading it that way is
-# refused; another image size only degrades it (global pooling), so that is a warning.
+# What a classifier checkpoint records of the input it was trained on (train.yaml's `model_input`, saved by
+# BestModelSaver as "input"). A model fed other channels or another normalisation still runs and silently predicts
+# garbage, so loading it that way is refused; another image size only degrades it (global pooling): a warning.
 INPUT_KEYS_REFUSED = ("in_channels", "input_norm")
 INPUT_KEYS_WARNED = ("image_size",)
 

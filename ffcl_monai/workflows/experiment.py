@@ -217,7 +217,7 @@ class Experiment:
         ``overwrite`` or when the step was killed after writing results (its first history row, best model or
         backbone) but before its first resume checkpoint was on disk: there is nothing to resume from, it starts over."""
         sdir = self.step_dir(name)
-        started = any((sdir / p).is_file() for p in ("checkpoints/resume.pt", "checkpoints/resume.prev.pt"))
+        started = any((sdir / p).is_file() for p in RESUME_FILES)
         partial = not started and bool(find_results(sdir))
         return {"output_dir": str(sdir), "tracking_uri": self.tracking_uri, "mlflow_parent_run_id": self.parent_run_id,
                 "run_name": name, "resume": started and not self.overwrite, "overwrite": self.overwrite or partial,
