@@ -205,3 +205,28 @@ def test_validation_false_trains_without_model_selection(tiny2d, tmp_path):
     assert not (out / "models" / "model.pt").exists() and (out / "checkpoints" / "resume.pt").is_file()
     rows = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and "val_auc" not in rows[0] and "train_loss" in rows[0]
+
+
+@pytest.mark.parametrize("overlay", [[], ["ffcl.yaml"]])
+def test_a_last_training_batch_of_one_image_is_dropped(tiny2d, tmp_path, overlay):
+    """12 training images in batches of 11 leave a last batch of one image; at 32 px a ResNet's last feature map is
+    1 x 1, so BatchNorm in training mode cannot normalise it ("Expected more than 1 value per channel when training":
+    the defaults study died on this on BreastMNIST, 545 images in batches of 32). The training loader drops that one
+    batch and only that one: fine-tuning and the FFCL stages (the same loader) train through it."""
+    out = tmp_path / "run"
+    keys = dict(datalist=str(tiny2d), output_dir=str(out), **{**FAST, "batch_size": 11, "max_epochs": 1},
+                progress=False, log_model=False)
+    if overlay:
+        from ffcl_monai.workflows.ffcl import run_ffcl
+
+        run_ffcl(cfg("train.yaml", *overlay), {**keys, "local_epochs": 1, "global_epochs": 1, "saliency": False})
+        assert (out / "finetune" / "models" / "model.pt").is_file()
+    else:
+        run_bundle(cfg("train.yaml"), **keys)
+        assert (out / "models" / "model.pt").is_file()
+    train = _workflow("train", cfg("train.yaml"), datalist=str(tiny2d), output_dir=str(tmp_path / "t"),
+                      **{**FAST, "batch_size": 11})
+    assert train.parser.get_parsed_content("train#dataloader").drop_last is True
+    train = _workflow("train", cfg("train.yaml"), datalist=str(tiny2d), output_dir=str(tmp_path / "t2"),
+                      **{**FAST, "batch_size": 5})        # last batch of 2 images: kept
+    assert train.parser.get_parsed_content("train#dataloader").drop_last is False

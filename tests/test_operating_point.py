@@ -409,7 +409,8 @@ def test_report_defaults_fit_nothing(tmp_path):
     assert m["operating_point"]["at_0.5"]["sensitivity"]["k"] == int(((z > 0) & (y == 1)).sum())
     assert m["calibration"]["temperature_scaling"] == {"enabled": False}
     header = list(csv.reader((tmp_path / "predictions.csv").open()))[0]
-    assert header == ["image", "label", "predicted", "prob_n", "prob_p"]   # unchanged without a threshold
+    # no threshold column without a threshold; score_<class> carries full-precision log-odds for the paired tests
+    assert header == ["image", "label", "predicted", "prob_n", "prob_p", "score_n", "score_p"]
 
 
 def test_format_metrics_table_without_sections_is_unchanged():
