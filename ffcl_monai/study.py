@@ -1129,6 +1129,41 @@ def _acceptance(results: Mapping[str, Mapping[str, Any]], datasets: Sequence[str
             "verdicts": verdicts}
 
 
+def against_plain_defaults(ctx: _Context, plans: Sequence[PlannedAblation]) -> dict[str, dict[str, Any]]:
+    """Chosen FFCL L→G against RBP at the *base* keys, per dataset where the chosen setting also changed RBP's keys.
+
+    The study's comparison gives both arms the same learning rate and loss (issue 17: a fair comparison). A user who
+    switches from plain training to FFCL compares FFCL at its new defaults with plain training at *its* defaults,
+    which the chosen setting does not change; a level that hurts RBP more than FFCL (a lower learning rate) can win
+    the fair comparison and still lose this one. Same images, same confirmation seeds (seed k with seed k), pooled
+    as in the main table. Returns ``{dataset: {"delta_auc", "ci_low", "ci_high", "verdict", "rbp_folder"}}``.
+    """
+    from ffcl_monai.ablate import headline_delta, paired_comparisons
+
+    by_ds: dict[str, dict[str, PlannedAblation]] = {}
+    for p in plans:
+        if p.setting is not None:
+            by_ds.setdefault(p.dataset, {})[p.setting.label] = p
+    out: dict[str, dict[str, Any]] = {}
+    for dname, ps in by_ds.items():
+        chosen, base = ps.get("chosen"), ps.get("base")
+        if chosen is None or base is None or chosen.rbp is None or base.rbp is None or chosen.rbp.key == base.rbp.key:
+            continue
+        rec_ffcl, rec_rbp = ctx.exp.state["done"].get(chosen.key), ctx.exp.state["done"].get(base.rbp.key)
+        if not (rec_ffcl and rec_rbp):
+            continue
+        task = ctx.infos[dname]["task"]
+        rows = ([{**r, "task": task} for r in rec_ffcl["rows"] if r["variant"] == FFCL]
+                + [{**r, "task": task} for r in rec_rbp["rows"] if r["variant"] == RBP])
+        comps = paired_comparisons(rows, [RBP, FFCL], ctx.spec.split, ctx.spec.paired_bootstrap)
+        if not comps:
+            continue
+        value, lo, hi = headline_delta(comps[0], "auc")
+        out[dname] = {"delta_auc": value, "ci_low": lo, "ci_high": hi, "verdict": verdict(lo),
+                      "rbp_folder": str(base.rbp.folder), "seeds": list(comps[0]["seeds"])}
+    return out
+
+
 def _summary(ctx: _Context, choice: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """``<out>/confirm/summary.md`` / ``.json`` / ``.png`` from what is done."""
     spec, exp = ctx.spec, ctx.exp
@@ -1162,6 +1197,18 @@ def _summary(ctx: _Context, choice: Mapping[str, Mapping[str, Any]]) -> dict[str
         entries.append((p.dataset, shown, d if s["complete"] else None))
     acc = {lab: _acceptance(results, names, lab) for lab in ("chosen", "base")}
     a = acc["chosen"]
+    plain = against_plain_defaults(ctx, plans)
+    plain_md = []
+    if plain:
+        plain_md = ["", "**Against plain training at its own defaults.** The chosen setting also changes RBP's keys "
+                    "(above, both arms get them). Plain training keeps its defaults, so a user who switches to FFCL "
+                    "sees this difference (FFCL L→G at the chosen setting − RBP at the base's keys; same images and "
+                    "seeds):", "", "| dataset | ΔAUC pp [95% CI] | verdict | RBP runs |", "|---|---|---|---|"]
+        plain_md += [f"| {d} | {_delta_text({'value': r['delta_auc'], 'ci_low': r['ci_low'], 'ci_high': r['ci_high']})}"
+                     f" | {r['verdict']} | {Path(r['rbp_folder']).relative_to(ctx.out)} |" for d, r in plain.items()]
+        for d, r in plain.items():
+            exp.metrics.update({_metric_key("confirm", d, "chosen_vs_plain", "delta_auc" + suf): r[k]
+                                for suf, k in (("", "delta_auc"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high"))})
     if a["accepted"] is None:
         text = (f"**Not decided yet**: confirmation pending on {', '.join(a['pending'])}. Rerun the same command "
                 "to continue.")
@@ -1192,7 +1239,7 @@ def _summary(ctx: _Context, choice: Mapping[str, Mapping[str, Any]]) -> dict[str
           f"worse = lower bound above −{NON_INFERIORITY_MARGIN:g} AUC (−{100 * NON_INFERIORITY_MARGIN:g} pp). Accepted when the chosen setting is not worse on "
           "every dataset and better on at least one.", "", text, "",
           "| dataset | role | setting | RBP AUC (%) | FFCL AUC (%) | ΔAUC pp [95% CI] | verdict |",
-          "|---|---|---|---|---|---|---|", *rows, "", *([ONE_SEED_NOTE, ""] if n_seeds == 1 else []),
+          "|---|---|---|---|---|---|---|", *rows, *plain_md, "", *([ONE_SEED_NOTE, ""] if n_seeds == 1 else []),
           "Selection datasets were also used to choose the setting (with other seeds); the confirmation-only datasets "
           "are the cleaner test. Interactions between factors were not tested during selection; this table is where "
           "the combination is checked."]
@@ -1201,7 +1248,8 @@ def _summary(ctx: _Context, choice: Mapping[str, Mapping[str, Any]]) -> dict[str
     summary = {"study": spec.name, "split": spec.split, "select_seeds": list(spec.select_seeds),
                "confirm_seeds": list(spec.confirm_seeds), "chosen_levels": chosen, "chosen_keys": chosen_keys,
                "datasets": results, "acceptance": acc, "accepted": a["accepted"],
-               "non_inferiority_margin": NON_INFERIORITY_MARGIN, "text": text}
+               "non_inferiority_margin": NON_INFERIORITY_MARGIN, "text": text,
+               "against_plain_defaults": plain}
     files = [atomic_write_text(folder / "summary.md", "\n".join(md) + "\n"),
              atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2, default=str)),
              _delta_plot(entries, folder / "summary.png",

@@ -465,6 +465,45 @@ def test_max_runs_stops_cleanly_and_the_next_invocation_continues(store, data, t
         "confirm/conf/rbp/base", "confirm/conf/chosen", "confirm/conf/base"}
 
 
+def test_a_chosen_learning_rate_is_also_compared_with_plain_training_at_its_defaults(store, data, tmp_path,
+                                                                                    monkeypatch):
+    """A lower learning rate that hurts RBP (0.6 -> 0.1) more than FFCL (0.5 -> 0.35) wins the fair comparison (both
+    arms at 1e-4) and is chosen; the summary then also compares the chosen FFCL with RBP at the base's keys, what a
+    user who keeps plain training at its defaults sees: worse here, computed from the same predictions by hand."""
+    import ffcl_monai.workflows.ffcl as ffcl
+    from ffcl_monai.study import run_study
+
+    def strength(o: dict) -> float:
+        low = float(o.get("learning_rate", 1e-3)) < 1e-3
+        if o["stages"] == "none":
+            return 0.1 if low else 0.6
+        return 0.35 if low else 0.5
+
+    monkeypatch.setitem(globals(), "_strength", strength)
+    calls: list = []
+    monkeypatch.setattr(ffcl, "run_ffcl", _fake_pipeline(calls))
+    _skip_run_plots(monkeypatch)
+    raw = _raw_spec(data)
+    raw["factors"] = {"lr": raw["factors"]["lr"]}
+    out = tmp_path / "s"
+    res = run_study(_spec(raw), out, say=lambda x: None, measure=_no_measure)
+    assert res["chosen"]["lr"]["chosen"] == "1e-4"
+    summary = json.loads((out / "confirm" / "summary.json").read_text())
+    plain = summary["against_plain_defaults"]
+    assert set(plain) == {"sel", "conf"}
+    for ds in ("sel", "conf"):
+        fair, _, _ = _by_hand(out / "confirm" / ds / "chosen", out / "confirm" / ds / "rbp" / "learning_rate=0.0001",
+                              CONF_SEEDS)
+        assert summary["datasets"][ds]["chosen"]["delta_auc"] == pytest.approx(fair.mean, abs=1e-12)
+        pooled, _, _ = _by_hand(out / "confirm" / ds / "chosen", out / "confirm" / ds / "rbp" / "base", CONF_SEEDS)
+        assert plain[ds]["delta_auc"] == pytest.approx(pooled.mean, abs=1e-12)
+        assert plain[ds]["ci_low"] == pytest.approx(pooled.ci_low, abs=1e-12)
+        assert plain[ds]["ci_high"] == pytest.approx(pooled.ci_high, abs=1e-12)
+        assert plain[ds]["verdict"] == _verdict(pooled.ci_low) and pooled.mean < 0 < fair.mean
+    md = (out / "confirm" / "summary.md").read_text()
+    assert "Against plain training at its own defaults" in md and "| conf | " in md.split("own defaults")[1]
+
+
 def test_confirm_before_selection_is_refused(store, data, tmp_path, monkeypatch):
     import ffcl_monai.workflows.ffcl as ffcl
     from ffcl_monai.study import StudySpecError, run_study
