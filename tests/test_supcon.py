@@ -257,9 +257,10 @@ def _global_parser(**overrides):
 
 
 def test_global_stage_config_picks_the_loss():
-    parser = _global_parser()
-    assert parser["global_objective"] == "eq1" and parser["supcon_temperature"] == 0.1
-    assert isinstance(parser.get_parsed_content("loss"), FFCLPairLoss)
+    parser = _global_parser()   # the default since the defaults study (docs/ffcl.md): SupCon at tau 0.1
+    assert parser["global_objective"] == "supcon" and parser["supcon_temperature"] == 0.1
+    assert isinstance(parser.get_parsed_content("loss"), SupConLoss)
+    assert isinstance(_global_parser(global_objective="eq1").get_parsed_content("loss"), FFCLPairLoss)
     loss = _global_parser(global_objective="supcon", supcon_temperature=0.2).get_parsed_content("loss")
     assert isinstance(loss, SupConLoss) and loss.temperature == 0.2 and not loss.gather_distributed
     with pytest.raises(Exception) as info:
