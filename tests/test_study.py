@@ -616,7 +616,7 @@ def test_real_one_factor_two_level_study_tiny(tmp_path, monkeypatch):
                                 "epochs": {"local": 1, "global": 1, "finetune": 1}, "img_per_s": 50},
                         "conf": {"role": "confirm", "datalist": str(conf), "backbone": "resnet10", "image_size": 16,
                                  "epochs": {"local": 1, "global": 1, "finetune": 1}, "img_per_s": 50}},
-           "base": {"set": {}},
+           "base": {"set": {"averaging": "pairs"}},   # explicit: ffcl.yaml's default is balanced now
            "factors": {"averaging": {"levels": {"balanced": {"set": {"averaging": "balanced"}}}}}}
     out = tmp_path / "study"
     res = run_study(parse_spec(raw, "real"), out, say=lambda x: None)
