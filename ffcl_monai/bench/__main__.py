@@ -3,7 +3,8 @@
 
 Each benchmark lives in its own module ``ffcl_monai/bench/<name>.py`` exposing
 ``run(device: str, quick: bool, data_root: str | None) -> BenchResult``. Modules are imported lazily so that one
-missing optional piece does not stop the others. Options a module's ``run`` also accepts (``cache``: ``--n``,
+missing optional piece does not stop the others. A bench that raises is logged with its traceback and recorded as
+failed in the JSON; the benches after it still run, and the exit status is 1. Options a module's ``run`` also accepts (``cache``: ``--n``,
 ``--size``, ...) are passed to it.
 """
 
@@ -12,11 +13,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import logging
 import sys
 
 import torch
 
 from ffcl_monai.bench.common import BenchResult, write_report
+
+logger = logging.getLogger(__name__)
 
 BENCHMARKS = ["ntxent", "ffcl", "ff", "pipeline", "simclr_epoch", "monitor", "cache"]
 
@@ -43,15 +47,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown benchmark(s) {unknown}; choose from all, {', '.join(BENCHMARKS)}")
     results: list[BenchResult] = []
     for name in which:
-        module = importlib.import_module(f"ffcl_monai.bench.{name}")
         print(f"running {name} on {args.device} ...", flush=True)
-        accepted = inspect.signature(module.run).parameters
-        extra = {k: v for k, v in vars(args).items() if k in accepted and k not in ("device", "quick", "data_root")}
-        result = module.run(device=args.device, quick=args.quick, data_root=args.data_root, **extra)
+        try:
+            module = importlib.import_module(f"ffcl_monai.bench.{name}")
+            accepted = inspect.signature(module.run).parameters
+            extra = {k: v for k, v in vars(args).items() if k in accepted and k not in ("device", "quick", "data_root")}
+            result = module.run(device=args.device, quick=args.quick, data_root=args.data_root, **extra)
+        except Exception as exc:  # noqa: BLE001 - one broken bench must not lose the minutes the others took
+            logger.exception("bench %s failed; the remaining benches still run", name)
+            result = BenchResult(name=name, error=f"{type(exc).__name__}: {exc}")
         print(result.table(), flush=True)
         results.append(result)
     path = write_report(results, args.device, args.out)
     print(f"\nJSON report: {path}")
+    failed = [r.name for r in results if r.error]
+    if failed:
+        print(f"FAILED: {', '.join(failed)} (tracebacks above)", flush=True)
+        return 1
     return 0
 
 

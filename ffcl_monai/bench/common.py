@@ -111,10 +111,13 @@ class BenchResult:
     ratios: dict[str, float] = field(default_factory=dict)
     targets: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    error: str | None = None  # "ExceptionType: message" when the bench raised instead of finishing
 
     def table(self) -> str:
         """Markdown table of the rows followed by the headline ratios."""
         lines = [f"## {self.name}"]
+        if self.error:
+            lines.append(f"- FAILED: {self.error}")
         if self.rows:
             keys = list(self.rows[0].keys())
             lines.append("| " + " | ".join(keys) + " |")

@@ -119,12 +119,10 @@ def _measure(device: str, quick: bool, data_root: str | None, tmp: Path) -> dict
 
 
 def _default_interval() -> int:
-    """``monitor_interval`` as pretrain_simclr.yaml sets it."""
-    from monai.bundle import ConfigParser
+    """``monitor_interval`` of a SimCLR pretraining (train.yaml + pretrain_simclr.yaml, as the bundle composes it)."""
+    from ffcl_monai.workflows.runner import config_files, load
 
-    from ffcl_monai.bench.pipeline import CONFIGS
-
-    return int(ConfigParser.load_config_file(str(CONFIGS / "pretrain_simclr.yaml"))["monitor_interval"])
+    return int(load(config_files(["train.yaml", "pretrain_simclr.yaml"])).get("monitor_interval"))
 
 
 def run(device: str, quick: bool, data_root: str | None) -> BenchResult:
