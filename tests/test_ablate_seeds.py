@@ -19,6 +19,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from ffcl_monai.evaluation.paired import compare_seeds, read_predictions
+from ffcl_program_stand_in import write_evaluations
 from test_ffcl_pipeline import _tiny_datalist
 
 VARIANTS = "rbp-random,ffcl-lg-random"
@@ -37,31 +38,23 @@ def store(tmp_path_factory):
 def _fake_pipeline(calls: list):
     """Stands in for ffcl_monai.workflows.ffcl.run_ffcl: writes evaluate_<split>/{metrics.json, predictions.csv}
     with the evaluate workflow's writer; pretrained variants separate the classes better, each seed differently."""
-    from ffcl_monai.handlers.metrics import bootstrap_ci
-    from ffcl_monai.handlers.reports import TestReport
 
     def run(config_files, overrides, parent_run_id=None):
         out = Path(overrides["output_dir"])
         calls.append((out.name, [Path(f).name for f in config_files], overrides["seed"], overrides["stages"]))
-        dl = Path(overrides["datalist"])
-        content = json.loads(dl.read_text())
         for step in ("stage1_local", "finetune"):  # what a real run leaves: results and resume checkpoints
             (out / step / "checkpoints").mkdir(parents=True, exist_ok=True)
             for f in ("checkpoints/resume.pt", "checkpoints/resume.prev.pt"):
                 (out / step / f).write_bytes(b"x" * 1000)
         (out / "finetune" / "models").mkdir(exist_ok=True)
         (out / "finetune" / "models" / "model.pt").write_bytes(b"m")
-        for split in ("validation", "test"):
-            items = [{**it, "image": str(dl.parent / it["image"])} for it in content[split]]
-            y = np.array([it["label"] for it in items])
+
+        def p1(split, y):
             rng = np.random.default_rng(zlib.crc32(f"{overrides['stages']}/{overrides['seed']}/{split}".encode()))
             strength = 0.4 if overrides["stages"] == "none" else 1.2
-            p1 = 1 / (1 + np.exp(-(strength * (2 * y - 1) + rng.normal(size=len(y)))))
-            probs = np.stack([1 - p1, p1], 1)
-            rep = TestReport(items, out / f"evaluate_{split}", "binary", ["A", "B"], datalist_dir=str(dl.parent))
-            rep.metrics = bootstrap_ci(probs, y, "binary", ["A", "B"], n_bootstrap=20)
-            rep.write_files(probs, y)
-        return {"wall_s": 2.0, "output_dir": str(out)}
+            return 1 / (1 + np.exp(-(strength * (2 * y - 1) + rng.normal(size=len(y)))))
+
+        return write_evaluations(overrides, ("validation", "test"), p1)
 
     return run
 

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from ffcl_monai.evaluation.paired import compare_seeds, read_predictions
+from ffcl_program_stand_in import write_evaluations
 from test_ffcl_pipeline import _tiny_datalist
 
 SEL_SEEDS, CONF_SEEDS = [0, 1, 2], [3, 4, 5]
@@ -53,30 +54,23 @@ def _strength(o: dict) -> float:
 def _fake_pipeline(calls: list):
     """Stands in for run_ffcl: evaluate_<split>/{metrics.json, predictions.csv} for each of `eval_splits`, written by
     the evaluate workflow's own TestReport, with the class separation of `_strength` and per-run noise."""
-    from ffcl_monai.handlers.metrics import bootstrap_ci
-    from ffcl_monai.handlers.reports import TestReport
 
     def run(config_files, overrides, parent_run_id=None):
         out = Path(overrides["output_dir"])
         calls.append({"dir": str(out), "seed": overrides["seed"], "stages": overrides["stages"],
                       "files": [Path(f).name for f in config_files], "overrides": dict(overrides)})
         dl = Path(overrides["datalist"])
-        content = json.loads(dl.read_text())
-        for split in overrides.get("eval_splits", ["validation"]):
-            items = [{**it, "image": str(dl.parent / it["image"])} for it in content[split]]
-            y = np.array([it["label"] for it in items])
+
+        def p1(split, y):
             # images hard for one model are hard for the others of the same seed (as real models on the same
             # images): a shared noise per (seed, split, datalist) and a smaller one of the run's own
             shared = np.random.default_rng(zlib.crc32(f"{overrides['seed']}/{split}/{dl.parent.name}/{dl.name}".encode()))
             own = np.random.default_rng(zlib.crc32(f"{overrides['stages']}/{_strength(overrides)}/{overrides['seed']}"
                                                    f"/{split}/{dl.parent.name}/{dl.name}".encode()))
             noise = 0.5 * shared.normal(size=len(y)) + 0.25 * own.normal(size=len(y))
-            p1 = 1 / (1 + np.exp(-(_strength(overrides) * (2 * y - 1) + noise)))
-            probs = np.stack([1 - p1, p1], 1)
-            rep = TestReport(items, out / f"evaluate_{split}", "binary", ["A", "B"], datalist_dir=str(dl.parent))
-            rep.metrics = bootstrap_ci(probs, y, "binary", ["A", "B"], n_bootstrap=20)
-            rep.write_files(probs, y)
-        return {"wall_s": 2.0, "output_dir": str(out)}
+            return 1 / (1 + np.exp(-(_strength(overrides) * (2 * y - 1) + noise)))
+
+        return write_evaluations(overrides, overrides.get("eval_splits", ["validation"]), p1)
 
     return run
 
