@@ -23,10 +23,10 @@ setup:
 	@VENV=$(VENV) bash scripts/setup_venv.sh
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 test-slow: setup
-	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m slow --durations=15 $(PYTEST_ARGS)
 
 test-all: test test-slow test-label
 

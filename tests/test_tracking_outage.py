@@ -102,6 +102,7 @@ def test_server_lost_after_the_first_epoch_training_finishes(tmp_path):
     assert (out / "models" / "model.pt").is_file()
 
 
+@pytest.mark.slow  # the whole FFCL program against a real server (~45 s); keeps `make test` near 13 min
 def test_server_lost_at_a_stage_boundary_the_pipeline_finishes(tmp_path):
     datalist = make_2d(tmp_path / "data", counts=(8, 4, 4))
     out = tmp_path / "ffcl"
