@@ -4,8 +4,8 @@
 Each benchmark lives in its own module ``ffcl_monai/bench/<name>.py`` exposing
 ``run(device: str, quick: bool, data_root: str | None) -> BenchResult``. Modules are imported lazily so that one
 missing optional piece does not stop the others. A bench that raises is logged with its traceback and recorded as
-failed in the JSON; the benches after it still run, and the exit status is 1. Options a module's ``run`` also accepts (``cache``: ``--n``,
-``--size``, ...) are passed to it.
+failed in the JSON; the benches after it still run, and the exit status is 1. Options a module's ``run`` also
+accepts (``cache``: ``--n``, ``--size``, ...) are passed to it.
 """
 
 from __future__ import annotations
